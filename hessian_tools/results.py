@@ -1,0 +1,207 @@
+"""Frozen result dataclasses: every number carries its error bar, the seed, and the HVPs it cost.
+
+Results are plain data. They serialise to JSON-ready dicts with :meth:`Result.to_dict` and come
+back with :meth:`Result.from_dict`; reports and figures read these, never a model or an operator.
+
+Conventions shared by all results:
+
+* ``matvecs`` — the number of Hessian-vector products (HVPs) spent. One HVP is one column of
+  ``H @ V``; a block of K columns counts K.
+* ``seed`` — the seed of the ``torch.Generator`` that drew every random vector (``None`` when the
+  estimator is deterministic).
+* ``stderr`` — one standard error of the estimate (the standard deviation of its sampling
+  distribution, estimated from the samples); a 95% confidence interval is ``estimate ± 1.96·stderr``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
+
+
+def _to_jsonable(value: Any) -> Any:
+    """Convert tensors, arrays and nested containers into JSON-ready Python objects."""
+    if isinstance(value, torch.Tensor):
+        return _to_jsonable(value.detach().cpu().numpy())
+    if isinstance(value, np.ndarray):
+        return _to_jsonable(value.tolist())
+    if isinstance(value, (np.floating,)):
+        return _to_jsonable(float(value))
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, float):
+        # JSON has no NaN/Inf; keep them readable and round-trippable as strings.
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value.to_dict() if hasattr(value, "to_dict") else _to_jsonable(dataclasses.asdict(value))
+    return value
+
+
+def _from_jsonable(value: Any) -> Any:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, list):
+        return [_from_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _from_jsonable(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """Base of all results: JSON round trip. Subclasses are frozen dataclasses."""
+
+    kind: ClassVar[str] = "result"
+    #: fields that hold arrays (stored as lists in JSON, restored as numpy arrays)
+    array_fields: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind}
+        for field in dataclasses.fields(self):
+            out[field.name] = _to_jsonable(getattr(self, field.name))
+        return out
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: _from_jsonable(v) for k, v in data.items() if k in names}
+        for name in cls.array_fields:
+            if kwargs.get(name) is not None:
+                kwargs[name] = np.asarray(kwargs[name], dtype=float)
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTrace:
+    """Trace of one parameter block's diagonal Hessian block, with its standard error."""
+
+    name: str
+    estimate: float
+    stderr: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "estimate": _to_jsonable(self.estimate), "stderr": _to_jsonable(self.stderr)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceResult(Result):
+    """A trace estimate ``tr(H)``.
+
+    ``stderr`` is one standard error of ``estimate``; ``ci95`` is ``estimate ± 1.96·stderr``.
+    For Hutch++ and XTrace the error bar is conditional on the low-rank sketch (see each method's
+    docstring). ``blocks`` holds the per-block traces (one per parameter block) estimated from the
+    same probes; they sum to ``estimate``. ``converged`` is False when a requested ``rtol`` was not
+    met within ``max_matvecs``.
+    """
+
+    kind: ClassVar[str] = "trace"
+    estimate: float
+    stderr: float
+    matvecs: int
+    method: str
+    seed: int | None
+    n_probes: int
+    rtol: float | None = None
+    converged: bool = True
+    blocks: tuple = ()
+    samples: tuple = ()
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return (self.estimate - Z95 * self.stderr, self.estimate + Z95 * self.stderr)
+
+    @property
+    def relative_halfwidth(self) -> float:
+        return Z95 * self.stderr / abs(self.estimate) if self.estimate else math.inf
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        data["blocks"] = tuple(BlockTrace(**_from_jsonable(b)) for b in data.get("blocks", ()))
+        data["samples"] = tuple(_from_jsonable(data.get("samples", ())))
+        return super().from_dict(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class EigenResult(Result):
+    """Eigenpairs of a symmetric operator.
+
+    ``values`` are sorted in descending order for ``which="LA"``/``"LM"`` (by magnitude for LM) and
+    ascending for ``"SA"``. ``residuals[i] = ‖H v_i − λ_i v_i‖₂`` with ‖v_i‖ = 1: by the Bauer–Fike /
+    Kahan bound, some true eigenvalue lies within ``residuals[i]`` of ``values[i]``.
+    ``vectors`` (dim × k) is kept in memory but not serialised (it can be as large as the model).
+    """
+
+    kind: ClassVar[str] = "eigen"
+    array_fields: ClassVar[tuple[str, ...]] = ("values", "residuals")
+    values: np.ndarray
+    residuals: np.ndarray
+    converged: bool
+    matvecs: int
+    which: str
+    method: str
+    tol: float
+    seed: int | None
+    vectors: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.pop("vectors", None)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DensityResult(Result):
+    """Spectral density by stochastic Lanczos quadrature (SLQ).
+
+    ``nodes[j]``/``weights[j]`` are the Gauss quadrature nodes and weights of probe j (each row of
+    weights sums to 1); the spectral measure is ``(1/n_probes) Σ_j Σ_i weights[j,i] δ(x − nodes[j,i])``.
+    ``density`` is that measure smoothed by a Gaussian of standard deviation ``sigma`` evaluated on
+    ``grid`` (it integrates to ~1 over the grid). ``moments`` are the SLQ estimates of
+    ``(1/dim)·tr(H^p)`` for p = 1, 2 with their standard errors over probes.
+    """
+
+    kind: ClassVar[str] = "density"
+    array_fields: ClassVar[tuple[str, ...]] = ("nodes", "weights", "grid", "density")
+    nodes: np.ndarray
+    weights: np.ndarray
+    grid: np.ndarray
+    density: np.ndarray
+    sigma: float
+    dim: int
+    moments: dict
+    matvecs: int
+    seed: int | None
+    n_probes: int
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadratureResult(Result):
+    """An estimate of ``vᵀ f(H) v`` by Lanczos (Gauss) quadrature started at ``v``.
+
+    ``estimate`` is the Gauss rule after ``steps`` Lanczos steps; ``change`` is the difference to
+    the rule with one step fewer — a practical error indicator (exact when the Krylov space is
+    invariant, ``exhausted=True``).
+    """
+
+    kind: ClassVar[str] = "quadrature"
+    estimate: float
+    change: float
+    steps: int
+    matvecs: int
+    exhausted: bool
+    function: str
