@@ -1,5 +1,18 @@
 """hessian-tools: curvature of trained networks, with error bars.
 
 Data flows one way: checkpoint → :class:`HessianOperator` → estimator → result → report/figure.
+
+>>> import hessian_tools as ht
+>>> op = ht.HessianOperator(model, loss_fn, data)        # doctest: +SKIP
+>>> ht.trace(op, rtol=0.01)                              # doctest: +SKIP
 """
+from .estimators import eigenvalues, hutchinson, hutchpp, trace
+from .operators import DenseOperator, HessianOperator, ParameterBlock, as_operator, to_scipy
+from .results import DensityResult, EigenResult, QuadratureResult, Result, TraceResult
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DenseOperator", "DensityResult", "EigenResult", "HessianOperator", "ParameterBlock", "QuadratureResult",
+    "Result", "TraceResult", "as_operator", "eigenvalues", "hutchinson", "hutchpp", "to_scipy", "trace",
+]

@@ -1,0 +1,67 @@
+"""Helpers shared by the estimators: operator access in float64 and per-block reductions."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..operators.adapters import as_operator
+
+
+class CountingOperator:
+    """Wrap an operator: count the HVPs spent, and work in float64 on the CPU side of estimators."""
+
+    def __init__(self, op):
+        self.op = as_operator(op)
+        self.dim = int(self.op.dim)
+        self.matvecs = 0
+        self.device = getattr(self.op, "device", torch.device("cpu"))
+        self.blocks = getattr(self.op, "blocks", None)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H V in float64 (V is cast to the operator's dtype for the product)."""
+        if V.shape[1] == 0:
+            return torch.zeros_like(V, dtype=torch.float64)
+        out = self.op.matmat(V.to(device=self.device, dtype=getattr(self.op, "dtype", torch.float64)))
+        self.matvecs += V.shape[1]
+        return out.to(torch.float64)
+
+
+def block_index(blocks, dim: int, device=None) -> tuple[list[str], torch.Tensor] | tuple[None, None]:
+    """Names and a (dim,) tensor mapping each coordinate to its block number."""
+    if not blocks:
+        return None, None
+    index = torch.empty(dim, dtype=torch.long, device=device)
+    for number, block in enumerate(blocks):
+        index[block.start : block.stop] = number
+    return [b.name for b in blocks], index
+
+
+def block_sums(values: torch.Tensor, index: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """(dim, K) → (n_blocks, K): the sum of each block's rows (one scatter, no Python loop)."""
+    out = torch.zeros(n_blocks, values.shape[1], dtype=values.dtype, device=values.device)
+    return out.index_add_(0, index, values)
+
+
+def mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
+    """Sample mean and its standard error std(ddof=1)/√n (inf for fewer than 2 samples)."""
+    n = samples.numel()
+    mean = float(samples.mean())
+    if n < 2:
+        return mean, math.inf
+    return mean, float(samples.std(unbiased=True)) / math.sqrt(n)
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+def check_rtol(rtol) -> float | None:
+    if rtol is None:
+        return None
+    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
+    return float(rtol)

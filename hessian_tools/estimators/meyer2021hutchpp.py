@@ -1,0 +1,84 @@
+"""Hutch++ (Meyer, Musco, Musco, Woodruff 2021): deflate the top of the spectrum, then Hutchinson.
+
+With a sketch S (dim × s, Rademacher) and Q = orth(HS), split
+    tr(H) = tr(QᵀHQ) + tr((I−QQᵀ) H (I−QQᵀ)).
+The first term is computed exactly from HQ (s more HVPs); the second by Hutchinson on probes
+projected out of span(Q), w = (I−QQᵀ)z. Because Q captures the large-magnitude eigenvalues, the
+residual has a much smaller Frobenius norm, hence a smaller variance: for PSD H the error is
+O(1/m) in the number of HVPs m instead of Hutchinson's O(1/√m).
+
+Error bar: conditional on the sketch (Q fixed), the residual term is an average of i.i.d.
+samples wᵀHw, so ``stderr`` = sample std / √g over the g residual probes; the exact part adds
+no variance. The estimate is unbiased for any Q.
+
+Per-block traces: diag(H) = diag(QQᵀH) + diag((I−QQᵀ)H); the first is Σ_l Q_il (HQ)_il exactly,
+and E[w_i (Hw)_i] = ((I−QQᵀ)H)_ii for w = (I−QQᵀ)z, so the block estimates sum to the total.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..results import TraceResult
+from .common import CountingOperator, block_index, block_sums, check_positive_int, check_rtol, mean_and_stderr
+from .hutchinson import block_results, sample_quadratic_forms
+from .probes import make_generator, rademacher
+
+
+def hutchpp(
+    op,
+    *,
+    max_matvecs: int = 99,
+    sketch: int | None = None,
+    rtol: float | None = None,
+    min_probes: int = 10,
+    block_size: int = 16,
+    seed: int | None = 0,
+    keep_samples: bool = True,
+) -> TraceResult:
+    """Estimate tr(H) by Hutch++.
+
+    Fixed budget (``rtol`` None): sketch size s = ``sketch`` (default ⌊max_matvecs/3⌋), then
+    max_matvecs − 2s residual probes. With ``rtol``: the sketch (default min(⌊max_matvecs/3⌋, 20))
+    is followed by residual probes until 1.96·stderr ≤ rtol·|estimate| or the budget is spent.
+    """
+    rtol = check_rtol(rtol)
+    check_positive_int("max_matvecs", max_matvecs, 3)
+    H = CountingOperator(op)
+    if sketch is None:
+        sketch = max_matvecs // 3 if rtol is None else min(max_matvecs // 3, 20)
+    check_positive_int("sketch", sketch)
+    sketch = min(sketch, H.dim)
+    if 2 * sketch + 2 > max_matvecs and sketch < H.dim:
+        raise ValueError(f"max_matvecs={max_matvecs} leaves no residual probes after a sketch of {sketch} (needs 2·sketch + 2)")
+    generator = make_generator(seed)
+    S = rademacher(H.dim, sketch, generator)
+    Q, _ = torch.linalg.qr(H.matmat(S))
+    HQ = H.matmat(Q)
+    exact_diag = (Q * HQ).sum(1, keepdim=True)  # diag(QQᵀH), sums to tr(QᵀHQ)
+    exact = float(exact_diag.sum())
+    names, index = block_index(H.blocks, H.dim)
+    exact_blocks = block_sums(exact_diag, index, len(names))[:, 0] if names is not None else None
+    if sketch >= H.dim:  # Q spans everything: the trace is exact
+        return TraceResult(exact, 0.0, H.matvecs, "hutchpp", seed, 0, rtol, True,
+                           block_results(H.blocks, torch.zeros(len(names), 2, dtype=torch.float64), exact_blocks) if names else ())
+
+    def project(Z: torch.Tensor) -> torch.Tensor:
+        return Z - Q @ (Q.T @ Z)
+
+    drawn = sample_quadratic_forms(
+        H, generator, max_matvecs - H.matvecs, rtol=rtol, min_probes=min_probes,
+        block_size=block_size, offset=exact, project=project,
+    )
+    residual, stderr = mean_and_stderr(drawn.totals)
+    return TraceResult(
+        estimate=exact + residual,
+        stderr=stderr,
+        matvecs=H.matvecs,
+        method="hutchpp",
+        seed=seed,
+        n_probes=drawn.totals.numel(),
+        rtol=rtol,
+        converged=drawn.converged,
+        blocks=block_results(H.blocks, drawn.blocks, exact_blocks),
+        samples=tuple(drawn.totals.tolist()) if keep_samples else (),
+    )

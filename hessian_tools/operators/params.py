@@ -1,0 +1,113 @@
+"""Parameter selection and the named blocks of the flat parameter vector.
+
+A selection is a list of (name, tensor) pairs; the flat vector concatenates them in that order.
+Each :class:`ParameterBlock` records one tensor's slice of the flat vector, so per-layer results
+(block traces, per-layer bounds) can be read off any flat vector.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import HessianToolsError
+
+
+class ParameterSelectionError(HessianToolsError, ValueError):
+    """A parameter selection that is malformed or matches nothing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterBlock:
+    """One parameter tensor's place in the flat vector: ``flat[start:stop].view(shape)``."""
+
+    name: str
+    start: int
+    stop: int
+    shape: tuple
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def select_parameters(model: nn.Module, params=None) -> list[tuple[str, nn.Parameter]]:
+    """Resolve a parameter selection into ``[(name, parameter), ...]`` in model order.
+
+    ``params`` may be ``None`` (all parameters with ``requires_grad``), a regular expression
+    (``str``, matched with ``re.search`` against the dotted names), a list of names, a list of
+    modules (all their trainable parameters), or a list of parameter tensors of ``model``.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        chosen = named
+    elif isinstance(params, str):
+        try:
+            pattern = re.compile(params)
+        except re.error as exc:
+            raise ParameterSelectionError(f"parameter regex {params!r} is invalid: {exc}") from None
+        chosen = [(n, p) for n, p in named if pattern.search(n)]
+        if not chosen:
+            raise ParameterSelectionError(
+                f"parameter regex {params!r} matches none of the {len(named)} trainable parameters "
+                f"(first names: {', '.join(n for n, _ in named[:4])})"
+            )
+    elif isinstance(params, nn.Module):
+        return select_parameters(model, [params])
+    elif isinstance(params, Iterable):
+        items = list(params)
+        if not items:
+            raise ParameterSelectionError("the parameter selection is an empty list")
+        if all(isinstance(x, str) for x in items):
+            lookup = dict(named)
+            unknown = [x for x in items if x not in lookup]
+            if unknown:
+                raise ParameterSelectionError(
+                    f"unknown or frozen parameter name(s): {', '.join(unknown[:4])}"
+                )
+            wanted = set(items)
+            chosen = [(n, p) for n, p in named if n in wanted]
+        elif all(isinstance(x, nn.Module) for x in items):
+            ids = {id(p) for m in items for p in m.parameters() if p.requires_grad}
+            chosen = [(n, p) for n, p in named if id(p) in ids]
+        elif all(isinstance(x, torch.Tensor) for x in items):
+            ids = {id(p) for p in items}
+            chosen = [(n, p) for n, p in named if id(p) in ids]
+            if len(chosen) != len(ids):
+                raise ParameterSelectionError("some selected tensors are not trainable parameters of the model")
+        else:
+            raise ParameterSelectionError("a parameter selection list must hold only names, modules or parameters")
+        if not chosen:
+            raise ParameterSelectionError("the parameter selection matches no trainable parameter")
+    else:
+        raise ParameterSelectionError(
+            f"params must be None, a regex string, or a list of names/modules/parameters, got {type(params).__name__}"
+        )
+    return chosen
+
+
+def make_blocks(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[ParameterBlock, ...]:
+    blocks, start = [], 0
+    for name, tensor in named:
+        stop = start + tensor.numel()
+        blocks.append(ParameterBlock(name, start, stop, tuple(tensor.shape)))
+        start = stop
+    return tuple(blocks)
+
+
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat vector (row-major)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten_block(flat: torch.Tensor, blocks: Sequence[ParameterBlock]) -> list[torch.Tensor]:
+    """Split a (dim, *batch) tensor into per-block views of shape (block.shape, *batch)."""
+    rest = tuple(flat.shape[1:])
+    return [flat[b.slice].reshape(*b.shape, *rest) for b in blocks]
