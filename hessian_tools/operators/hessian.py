@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..errors import NondeterminismError, NonFiniteError
 from .adapters import _check_block, _check_vector, to_scipy
@@ -99,9 +99,10 @@ class HessianOperator:
         # BatchNorm in train mode updates running statistics in place, which torch.func's vmap
         # cannot batch: train mode uses the autograd path unless asked otherwise.
         self.backend = "autograd" if (backend == "auto" and mode == "train") else backend
+        self._func_strategy = "forward-over-reverse"
         self.passes = 0  # full passes over the data made by this operator
         self.matvecs = 0  # columns of H·V computed so far
-        if check_determinism or self.backend == "auto":
+        if check_determinism or self.backend in ("auto", "func"):
             self._probe_first_batch(check_determinism)
 
     # ------------------------------------------------------------------ public protocol
@@ -230,17 +231,27 @@ class HessianOperator:
     def _batch_hvp_func(self, params, inputs, targets, V: torch.Tensor, index: int) -> torch.Tensor:
         grad_fn = grad(self._loss_of(inputs, targets), has_aux=True)
         names = self.param_names
-
-        def hvp(*columns):
-            tangents = dict(zip(names, columns))
-            (_, loss), (hv, _) = jvp(grad_fn, (params,), (tangents,))
-            return tuple(hv[n] for n in names), loss
-
+        K = V.shape[1]
         # V is (dim, K); vmap over the K columns, each split into parameter-shaped tangents.
-        cols = [V[b.slice].T.reshape(V.shape[1], *b.shape) for b in self.blocks]
-        hv, loss = vmap(hvp, chunk_size=self.chunk_size)(*cols)
-        self._check_finite(loss[0], index, "loss")
-        return torch.cat([h.reshape(V.shape[1], -1) for h in hv], dim=1).T
+        cols = [V[b.slice].T.reshape(K, *b.shape) for b in self.blocks]
+        if self._func_strategy == "forward-over-reverse":
+
+            def hvp(*columns):
+                (_, loss), (hv, _) = jvp(grad_fn, (params,), (dict(zip(names, columns)),))
+                return tuple(hv[n] for n in names), loss
+
+            hv, loss = vmap(hvp, chunk_size=self.chunk_size)(*cols)
+            self._check_finite(loss[0], index, "loss")
+        else:  # reverse-over-reverse: one gradient graph, K vector-Jacobian products
+            (_, loss), pullback = vjp(lambda p: grad_fn(p), params)
+            self._check_finite(loss, index, "loss")
+
+            def hvp(*columns):
+                (hv,) = pullback((dict(zip(names, columns)), torch.zeros_like(loss)))
+                return tuple(hv[n] for n in names)
+
+            hv = vmap(hvp, chunk_size=self.chunk_size)(*cols)
+        return torch.cat([h.reshape(K, -1) for h in hv], dim=1).T
 
     def _batch_hvp_autograd(self, inputs, targets, V: torch.Tensor, index: int) -> torch.Tensor:
         model = self._autograd_model()
@@ -320,12 +331,25 @@ class HessianOperator:
                         f"{float(second):.10g}): the model is nondeterministic in mode={self.mode!r} "
                         f"(dropout in train mode?); use mode='eval'"
                     )
-            if self.backend == "auto":
-                probe = torch.zeros(self.dim, 1, dtype=self.dtype, device=self.device)
-                try:
-                    self._batch_hvp_func(params, inputs, targets, probe, index)
-                    self.backend = "func"
-                except (NonFiniteError, NondeterminismError):
-                    raise
-                except Exception:  # noqa: BLE001 - any tracing failure selects the fallback
-                    self.backend = "autograd"
+            if self.backend in ("auto", "func"):
+                self._select_func_strategy(params, inputs, targets, index)
+
+    def _select_func_strategy(self, params, inputs, targets, index: int) -> None:
+        """Try torch.func forward-over-reverse on a random probe, then reverse-over-reverse (some
+        losses, e.g. mse_loss in torch 2.x, break forward-mode AD), then (auto only) autograd."""
+        probe = (torch.rand(self.dim, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5)
+        probe = probe.to(device=self.device, dtype=self.dtype)
+        failure = None
+        for strategy in ("forward-over-reverse", "reverse-over-reverse"):
+            self._func_strategy = strategy
+            try:
+                self._batch_hvp_func(params, inputs, targets, probe, index)
+                self.backend = "func"
+                return
+            except (NonFiniteError, NondeterminismError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a tracing failure selects the next strategy
+                failure = exc
+        if self.backend == "func":
+            raise TypeError(f"torch.func cannot differentiate this model twice ({str(failure).splitlines()[0][:160]}); use backend='autograd'")
+        self.backend = "autograd"

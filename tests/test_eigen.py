@@ -1,0 +1,87 @@
+"""Eigenvalues by thick-restart Lanczos against the exact spectrum, with residual error bars."""
+import numpy as np
+import pytest
+import torch
+
+import hessian_tools as ht
+
+from conftest import known_spectrum
+
+
+def _check_pairs(result, H):
+    """Residuals are the true ‖Hy − θy‖ and bound the distance to the exact spectrum."""
+    exact = torch.linalg.eigvalsh(H).numpy()
+    Y = result.vectors
+    R = H @ Y - Y * torch.as_tensor(result.values)
+    np.testing.assert_allclose(R.norm(dim=0).numpy(), result.residuals, rtol=1e-3, atol=1e-11)
+    for value, res in zip(result.values, result.residuals):
+        assert np.min(np.abs(exact - value)) <= res + 1e-12
+
+
+@pytest.mark.parametrize("which,k", [("LA", 1), ("LA", 5), ("SA", 1), ("LM", 3)])
+def test_eigenvalues_match_exact_spectrum(problem, which, k):
+    name, model, loss_fn, X, y, H = problem
+    op = ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64)
+    r = ht.eigenvalues(op, k=k, which=which, tol=1e-8)
+    exact = torch.linalg.eigvalsh(H).numpy()
+    expected = {"LA": exact[::-1][:k], "SA": exact[:k], "LM": exact[np.argsort(-np.abs(exact))][:k]}[which]
+    assert r.converged
+    np.testing.assert_allclose(r.values, expected, rtol=1e-6, atol=1e-10)
+    _check_pairs(r, H)
+
+
+def test_negative_curvature_is_found():
+    from conftest import PROBLEMS, exact_hessian
+    model, loss_fn, X, y = PROBLEMS["saddle"]()
+    H = exact_hessian(model, loss_fn, X, y)
+    r = ht.eigenvalues(ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64), which="SA")
+    assert r.values[0] < -1e-3
+    assert r.values[0] == pytest.approx(float(torch.linalg.eigvalsh(H)[0]), rel=1e-6)
+
+
+def test_restarts_and_blocks_converge_on_a_large_known_spectrum():
+    H, lam = known_spectrum(dim=400)
+    expected = np.sort(lam.numpy())[::-1][:5]
+    for kwargs in ({"max_basis": 12}, {"block_size": 3}, {}):
+        r = ht.eigenvalues(H, k=5, tol=1e-8, **kwargs)
+        assert r.converged, kwargs
+        np.testing.assert_allclose(r.values, expected, rtol=1e-7)
+        _check_pairs(r, H)
+
+
+def test_fewer_hvps_than_power_iteration():
+    H, lam = known_spectrum(dim=400)
+    lanczos = ht.eigenvalues(H, k=1, which="LM", tol=1e-6)
+    power = ht.eigenvalues(H, k=1, which="LM", tol=1e-6, method="power")
+    assert lanczos.values[0] == pytest.approx(50.0, rel=1e-6)
+    assert power.values[0] == pytest.approx(50.0, rel=1e-6)
+    assert lanczos.matvecs * 2 < power.matvecs
+
+
+def test_unconverged_within_budget_is_reported():
+    H, _ = known_spectrum(dim=400)
+    r = ht.eigenvalues(H, k=5, which="SA", tol=1e-12, max_matvecs=10)
+    assert not r.converged and r.matvecs <= 10
+
+
+def test_determinism_and_json(problem):
+    name, model, loss_fn, X, y, H = problem
+    op = ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64)
+    a, b = ht.eigenvalues(op, k=2, seed=4), ht.eigenvalues(op, k=2, seed=4)
+    np.testing.assert_array_equal(a.values, b.values)
+    d = a.to_dict()
+    assert "vectors" not in d and d["matvecs"] == a.matvecs
+    back = ht.EigenResult.from_dict(d)
+    np.testing.assert_array_equal(back.values, a.values)
+
+
+def test_bad_arguments():
+    H, _ = known_spectrum(dim=50)
+    with pytest.raises(ValueError, match="which"):
+        ht.eigenvalues(H, which="BE")
+    with pytest.raises(ValueError, match="exceeds"):
+        ht.eigenvalues(H, k=51)
+    with pytest.raises(ValueError, match="largest-magnitude"):
+        ht.eigenvalues(H, method="power", which="SA")
+    with pytest.raises(ValueError, match="tol"):
+        ht.eigenvalues(H, tol=-1)
