@@ -47,9 +47,23 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
+#: kind → Result subclass, filled in as subclasses are defined (see Result.__init_subclass__)
+RESULT_KINDS: dict[str, type] = {}
+
+
+def result_from_dict(data: dict):
+    """Rebuild any result from its ``to_dict()`` form, dispatching on its ``kind``."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in RESULT_KINDS:
+        raise ValueError(f"not a serialised result (kind {kind!r}); known kinds: {', '.join(sorted(RESULT_KINDS))}")
+    return RESULT_KINDS[kind].from_dict(data)
+
+
 def _from_jsonable(value: Any) -> Any:
     if isinstance(value, str) and value in ("nan", "inf", "-inf"):
         return float(value)
+    if isinstance(value, dict) and value.get("kind") in RESULT_KINDS:
+        return result_from_dict(value)
     if isinstance(value, list):
         return [_from_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -64,6 +78,10 @@ class Result:
     kind: ClassVar[str] = "result"
     #: fields that hold arrays (stored as lists in JSON, restored as numpy arrays)
     array_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        RESULT_KINDS[cls.kind] = cls
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind}
@@ -187,6 +205,15 @@ class DensityResult(Result):
     seed: int | None
     n_probes: int
     steps: int
+    #: Lanczos steps each probe actually took (≤ steps; shorter after a breakdown). Rows of
+    #: ``nodes``/``weights`` of a shorter probe are padded with zero-weight nodes.
+    lengths: tuple = ()
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        data["lengths"] = tuple(data.get("lengths", ()))
+        return super().from_dict(data)
 
 
 @dataclasses.dataclass(frozen=True)
