@@ -6,7 +6,7 @@ Data flows one way: checkpoint → :class:`HessianOperator` → estimator → re
 >>> op = ht.HessianOperator(model, loss_fn, data)        # doctest: +SKIP
 >>> ht.trace(op, rtol=0.01)                              # doctest: +SKIP
 """
-from .estimators import eigenvalues, hutchinson, hutchpp, trace
+from .estimators import density, eigenvalues, hutchinson, hutchpp, quadratic_form, quadratic_forms, trace, xtrace
 from .operators import DenseOperator, HessianOperator, ParameterBlock, as_operator, to_scipy
 from .results import DensityResult, EigenResult, QuadratureResult, Result, TraceResult
 
@@ -14,5 +14,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DenseOperator", "DensityResult", "EigenResult", "HessianOperator", "ParameterBlock", "QuadratureResult",
-    "Result", "TraceResult", "as_operator", "eigenvalues", "hutchinson", "hutchpp", "to_scipy", "trace",
+    "Result", "TraceResult", "as_operator", "density", "eigenvalues", "hutchinson", "hutchpp", "quadratic_form",
+    "quadratic_forms", "to_scipy", "trace", "xtrace",
 ]

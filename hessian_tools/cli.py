@@ -1,0 +1,361 @@
+"""The ``hessian-tools`` command line: argument parsing and wiring only.
+
+Exit codes: 0 success, 2 bad usage (argparse), 1 a failed analysis — reported as ONE line on
+stderr (the traceback only with ``--debug``). Results go to stdout as a table, and with
+``--json FILE`` (``-`` = stdout) as JSON, written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .pipeline import ANALYSES
+
+EPILOG_DEMO = """examples:
+  hessian-tools demo                       # the main job on the embedded default (digits, small ResNet)
+  hessian-tools demo --quick --out /tmp/d  # a seconds-long smoke run"""
+EPILOG_ANALYZE = """examples:
+  hessian-tools analyze runs/nso-s0                       # a run folder from `hessian-tools train`
+  hessian-tools analyze model.pt --model resnet --data builtin:digits-finetune --what trace,eigs
+  hessian-tools analyze model.pt --model mypkg.nets:make_net --data mypkg.data:load --json out.json"""
+EPILOG_COMPARE = """examples:
+  hessian-tools compare runs/sgd-s0 runs/nso-s0           # paired CI of the trace difference
+  hessian-tools compare a.pt b.pt --model cnn --data builtin:digits --max-hvps 400"""
+EPILOG_CURVE = """examples:
+  hessian-tools curve runs/sgd-s0 runs/nso-s0 --every 2 --out figures"""
+EPILOG_BOUND = """examples:
+  hessian-tools bound runs/nso-s0 --delta 0.05
+  hessian-tools bound model.pt --model cnn --data builtin:digits --prior init.pt"""
+EPILOG_TRAIN = """examples:
+  hessian-tools train --model resnet --data builtin:digits-pretrain --epochs 12 --out runs/pretrain
+  hessian-tools train --method nso --sigma 0.01 --init runs/pretrain/final.pt --data builtin:digits-finetune --out runs/nso-s0"""
+
+
+class UsageError(Exception):
+    """Bad usage discovered after parsing: exit code 2."""
+
+
+def _common(parser: argparse.ArgumentParser, json_out: bool = True) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    if json_out:
+        parser.add_argument("--json", metavar="FILE", help="also write the result as JSON ('-' = stdout)")
+
+
+def _model_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="mlp | cnn | resnet | MODULE:FACTORY (needed for a checkpoint file)")
+    parser.add_argument("--data", help="builtin:digits | builtin:digits-finetune | builtin:digits-pretrain | "
+                                       "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file)")
+    parser.add_argument("--params", metavar="REGEX", help="analyse only parameters whose names match")
+    parser.add_argument("--batch-size", type=int, default=512, help="batch size of the data passes (default 512)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="computation precision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hessian-tools", description="Curvature of trained networks, with error bars.")
+    parser.add_argument("--version", action="version", version=f"hessian-tools {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("demo", help="pre-train, fine-tune with SGD/SAM/NSO, analyse, report", epilog=EPILOG_DEMO, formatter_class=fmt)
+    p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
+    p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
+    p.add_argument("--no-resume", action="store_true", help="recompute finished pieces instead of reusing them")
+    _common(p, json_out=False)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("analyze", help="trace, eigenvalues, density, stability and bounds of one checkpoint",
+                       epilog=EPILOG_ANALYZE, formatter_class=fmt)
+    p.add_argument("checkpoint", help="a state_dict file or a run folder")
+    _model_data(p)
+    p.add_argument("--what", default="trace,eigs,density,stability,bound",
+                   help=f"comma-separated subset of {','.join(ANALYSES)}")
+    p.add_argument("--prior", help="prior/initial weights for the bound (a run folder's init.pt by default)")
+    p.add_argument("--rtol", type=float, default=0.02, help="trace: stop at 95%% half-width ≤ rtol·|trace| (default 0.02)")
+    p.add_argument("--max-hvps", type=int, default=600, help="HVP budget per estimator (default 600)")
+    p.add_argument("--trace-method", choices=["hutchpp", "hutchinson", "xtrace"], default="hutchpp")
+    _common(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compare", help="paired trace comparison of checkpoints with common random probes",
+                       epilog=EPILOG_COMPARE, formatter_class=fmt)
+    p.add_argument("checkpoints", nargs="+", help="state_dict files or run folders (the first is the baseline)")
+    _model_data(p)
+    p.add_argument("--max-hvps", type=int, default=300, help="HVPs per checkpoint (fixed, the same for all; default 300)")
+    p.add_argument("--trace-method", choices=["hutchpp", "hutchinson"], default="hutchpp")
+    _common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("curve", help="trace and λmax of every epoch's checkpoint of run folders",
+                       epilog=EPILOG_CURVE, formatter_class=fmt)
+    p.add_argument("runs", nargs="+", help="run folders written by `hessian-tools train`")
+    p.add_argument("--every", type=int, default=1, help="analyse every n-th epoch (default 1)")
+    p.add_argument("--rtol", type=float, default=0.05, help="trace tolerance per point (default 0.05)")
+    p.add_argument("--out", help="folder for the sharpness-curve figure and per-run results (enables --resume)")
+    p.add_argument("--resume", action="store_true", help="skip runs whose curve is already saved in --out")
+    p.add_argument("--batch-size", type=int, default=512)
+    _common(p)
+    p.set_defaults(func=cmd_curve)
+
+    p = sub.add_parser("bound", help="PAC-Bayes certificate and Hessian measures of a checkpoint",
+                       epilog=EPILOG_BOUND, formatter_class=fmt)
+    p.add_argument("checkpoint", help="a state_dict file or a run folder")
+    _model_data(p)
+    p.add_argument("--prior", help="prior/initial weights (a run folder's init.pt by default)")
+    p.add_argument("--delta", type=float, default=0.05, help="the bound holds with probability ≥ 1 − delta")
+    p.add_argument("--samples", type=int, default=20, help="Monte-Carlo weight draws (default 20)")
+    p.add_argument("--sigmas", default="0.001,0.003,0.01,0.03,0.1", help="posterior σ grid (paid by a union bound)")
+    _common(p)
+    p.set_defaults(func=cmd_bound)
+
+    p = sub.add_parser("train", help="train with sgd/nso/wp/sam/asam and write a run folder", epilog=EPILOG_TRAIN, formatter_class=fmt)
+    p.add_argument("--method", default="sgd", choices=["sgd", "nso", "wp", "sam", "asam"])
+    p.add_argument("--model", default="resnet", help="mlp | cnn | resnet | MODULE:FACTORY")
+    p.add_argument("--data", default="builtin:digits", help="data spec (see `analyze --help`)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--base", default="sgd", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--sigma", type=float, help="NSO/WP noise scale σ")
+    p.add_argument("--k", type=int, help="NSO/WP number of draws per step")
+    p.add_argument("--lam", type=float, help="NSO weight on the unperturbed gradient")
+    p.add_argument("--rho", type=float, help="SAM/ASAM radius")
+    p.add_argument("--init", help="initial checkpoint (fine-tuning); its head is re-initialised")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    _common(p, json_out=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("matrix-sensing", help="the NSO paper's matrix-sensing experiment (GD vs WP-GD vs NSO)")
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--out", default="figures", help="folder for matrix_sensing.json and .png")
+    _common(p, json_out=False)
+    p.set_defaults(func=cmd_matrix_sensing)
+    return parser
+
+
+# --------------------------------------------------------------------------- helpers
+class Progress:
+    """Status lines on stderr (a tqdm bar when stderr is a terminal); silent with --quiet."""
+
+    def __init__(self, quiet: bool, total: int | None = None, desc: str = ""):
+        self.enabled = not quiet
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description(message)
+            self.bar.update(1)
+        else:
+            print(f"… {message}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _emit_json(target: str | None, obj) -> None:
+    if not target:
+        return
+    from .io import atomic_write_json
+    from .results import _to_jsonable
+
+    if target == "-":
+        print(json.dumps(_to_jsonable(obj), indent=2))
+    else:
+        atomic_write_json(target, obj)
+        print(f"wrote {target}", file=sys.stderr)
+
+
+def _settings(args, what):
+    from .pipeline import AnalysisSettings
+
+    return AnalysisSettings(what=tuple(what), params=args.params, batch_size=args.batch_size, seed=args.seed,
+                            trace_method=getattr(args, "trace_method", "hutchpp"), trace_rtol=getattr(args, "rtol", 0.02),
+                            trace_max_matvecs=getattr(args, "max_hvps", 600), eig_max_matvecs=getattr(args, "max_hvps", 600),
+                            dtype=args.dtype, device=args.device)
+
+
+def _parse_what(text: str) -> list[str]:
+    what = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [w for w in what if w not in ANALYSES]
+    if unknown or not what:
+        raise UsageError(f"unknown --what {', '.join(map(repr, unknown)) or '(empty)'}; choose from {','.join(ANALYSES)}")
+    return what
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{option} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{option} is empty")
+    return values
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, write_demo_report, run_demo
+
+    config = DemoConfig(analysis=DemoConfig().analysis)
+    if args.quick:
+        config = config.quick()
+    config = dataclasses.replace(config, analysis=dataclasses.replace(config.analysis, seed=args.seed, device=args.device))
+    progress = Progress(args.quiet)
+    try:
+        results = run_demo(args.out, config, resume=not args.no_resume, progress=progress)
+        report = write_demo_report(results, args.out)
+    finally:
+        progress.close()
+    print(Path(report).read_text().split("## Per run")[0].rstrip())
+    print(f"\nreport: {report}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .checkpoints import resolve
+    from .pipeline import analyze_model
+    from .report import analysis_text
+
+    what = _parse_what(args.what)
+    loaded = resolve(args.checkpoint, args.model, args.data, args.prior)
+    if "bound" in what and loaded.prior is None:
+        print("note: no prior weights (--prior), so no PAC-Bayes bound", file=sys.stderr)
+    progress = Progress(args.quiet)
+    try:
+        result = analyze_model(loaded.model, loaded.data, _settings(args, what), prior_state=loaded.prior,
+                               name=loaded.name, progress=progress)
+    finally:
+        progress.close()
+    print(analysis_text(result))
+    _emit_json(args.json, result)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .checkpoints import resolve
+    from .pipeline import compare_traces, make_operator
+    from .report import COMPARISON_HEADER, comparison_rows, text_table
+
+    if len(args.checkpoints) < 2:
+        raise UsageError("compare needs at least two checkpoints")
+    settings = _settings(args, ["trace"])
+    operators = {}
+    for target in args.checkpoints:
+        loaded = resolve(target, args.model, args.data)
+        name = loaded.name if loaded.name not in operators else f"{loaded.name}#{len(operators)}"
+        operators[name] = make_operator(loaded.model, loaded.data, settings)
+    progress = Progress(args.quiet)
+    try:
+        result = compare_traces(operators, method=args.trace_method, max_matvecs=args.max_hvps, seed=args.seed, progress=progress)
+    finally:
+        progress.close()
+    print(text_table(COMPARISON_HEADER, comparison_rows(result)))
+    print(f"\nsame probes for every checkpoint (seed {args.seed}, {args.max_hvps} HVPs each, {args.trace_method})")
+    _emit_json(args.json, result)
+    return 0
+
+
+def cmd_curve(args) -> int:
+    from .checkpoints import resolve  # noqa: F401  (run folders are validated by load_run)
+    from .curves import run_curve
+    from .report import CURVE_HEADER, curve_rows, text_table
+
+    if args.every < 1:
+        raise UsageError("--every must be ≥ 1")
+    progress = Progress(args.quiet)
+    try:
+        curves, figures = run_curve(args.runs, every=args.every, rtol=args.rtol, seed=args.seed, batch_size=args.batch_size,
+                                    out=args.out, resume=args.resume, progress=progress)
+    finally:
+        progress.close()
+    rows = [row for name, points in curves.items() for row in curve_rows(name, points)]
+    print(text_table(CURVE_HEADER, rows))
+    for figure in figures:
+        print(f"figure: {figure}", file=sys.stderr)
+    _emit_json(args.json, curves)
+    return 0
+
+
+def cmd_bound(args) -> int:
+    from .checkpoints import resolve
+    from .pipeline import AnalysisSettings, analyze_model
+    from .report import analysis_text
+
+    sigmas = _floats(args.sigmas, "--sigmas")
+    loaded = resolve(args.checkpoint, args.model, args.data, args.prior)
+    if loaded.prior is None:
+        raise UsageError("a bound needs the prior (initial) weights: pass --prior FILE (run folders use their init.pt)")
+    settings = dataclasses.replace(_settings(args, ["bound"]), delta=args.delta, certificate_sigmas=sigmas,
+                                   certificate_samples=args.samples)
+    progress = Progress(args.quiet)
+    try:
+        result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name, progress=progress)
+    finally:
+        progress.close()
+    print(analysis_text(result))
+    _emit_json(args.json, result)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    options = {k: getattr(args, k) for k in ("sigma", "k", "lam", "rho") if getattr(args, k) is not None}
+    config = TrainConfig(model=args.model, data=args.data, method=args.method, base=args.base, lr=args.lr,
+                         momentum=args.momentum, weight_decay=args.weight_decay, epochs=args.epochs,
+                         batch_size=args.batch_size, seed=args.seed, init_checkpoint=args.init, **options)
+    quiet = args.quiet
+
+    def report(record):
+        if not quiet:
+            print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
+                  f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.3f} ({record['wall_time_s']:.1f} s)",
+                  file=sys.stderr)
+
+    run_dir = train(config, args.out, resume=args.resume, progress=report)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_matrix_sensing(args) -> int:
+    from .matrix_sensing import main as matrix_sensing_main
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    return matrix_sensing_main(["--steps", str(args.steps), "--out", args.out, "--seeds", *map(str, seeds)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"hessian-tools {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hessian-tools: interrupted (finished results are saved; re-run with --resume where offered)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback dump
+        if getattr(args, "debug", False):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"hessian-tools {args.command}: error: {message}", file=sys.stderr)
+        return 1

@@ -1,0 +1,139 @@
+"""The command line through its real entry point (a subprocess), on tiny settings.
+
+Each test checks the output's content, not just the exit code, and every bad input must give
+exactly one clear line on stderr and a non-zero exit — never a traceback.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None, check=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "hessian_tools", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc, code, *needles):
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    error_lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(error_lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in error_lines[0], (needle, error_lines[0])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mlp-sgd"
+    proc = run("train", "--model", "mlp", "--data", "builtin:synthetic", "--epochs", "2", "--lr", "0.1",
+               "--out", str(out), "--quiet")
+    assert "run folder" in proc.stdout
+    return out
+
+
+def test_train_writes_a_run_folder(run_dir):
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "finished" and len(meta["epochs"]) == 2
+    for name in ("init.pt", "epoch_001.pt", "epoch_002.pt", "final.pt"):
+        torch.load(run_dir / name, weights_only=True)
+
+
+def test_analyze_run_folder_prints_table_and_json(run_dir, tmp_path):
+    out = tmp_path / "a.json"
+    proc = run("analyze", str(run_dir), "--what", "trace,eigs,density", "--json", str(out), "--quiet", "--max-hvps", "200")
+    assert "Hessian trace" in proc.stdout and "top eigenvalues" in proc.stdout and "95% CI" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["kind"] == "checkpoint_analysis" and result["dim"] == 899
+    assert result["trace"]["matvecs"] > 0 and result["trace"]["seed"] == 0
+    assert len(result["top"]["values"]) == 5 and result["top"]["values"][0] >= result["top"]["values"][1]
+    assert result["density"]["n_probes"] > 0
+
+
+def test_analyze_checkpoint_file_with_model_and_data(run_dir):
+    proc = run("analyze", str(run_dir / "final.pt"), "--model", "mlp", "--data", "builtin:synthetic",
+               "--what", "trace", "--params", "weight", "--json", "-", "--quiet")
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert [b["name"] for b in result["trace"]["blocks"]] and all("weight" in b["name"] for b in result["trace"]["blocks"])
+
+
+def test_compare_reports_a_paired_difference(run_dir, tmp_path):
+    out = tmp_path / "c.json"
+    proc = run("compare", str(run_dir / "epoch_001.pt"), str(run_dir / "final.pt"), "--model", "mlp",
+               "--data", "builtin:synthetic", "--max-hvps", "60", "--json", str(out), "--quiet")
+    assert "paired CI tighter by" in proc.stdout and "same probes" in proc.stdout
+    result = json.loads(out.read_text())
+    pair = result["pairs"][0]
+    assert pair["stderr"] > 0 and pair["independent_stderr"] > 0
+    assert pair["difference"] == pytest.approx(result["traces"][1]["estimate"] - result["traces"][0]["estimate"])
+
+
+def test_curve_gives_one_point_per_epoch(run_dir, tmp_path):
+    proc = run("curve", str(run_dir), "--json", str(tmp_path / "curve.json"), "--quiet")
+    curves = json.loads((tmp_path / "curve.json").read_text())
+    points = curves[run_dir.name]
+    assert [p["epoch"] for p in points] == [1, 2]
+    assert all(p["lambda_max"] > 0 and p["trace_stderr"] >= 0 for p in points)
+    assert "λmax" in proc.stdout
+
+
+def test_help_has_examples():
+    for command in ("demo", "analyze", "compare", "curve", "bound", "train"):
+        proc = run(command, "--help")
+        assert "examples:" in proc.stdout, command
+
+
+def test_missing_checkpoint(tmp_path):
+    proc = run("analyze", str(tmp_path / "nope.pt"), "--model", "mlp", "--data", "builtin:synthetic", check=False)
+    assert_one_line_error(proc, 1, "not found")
+
+
+def test_checkpoint_of_another_architecture(run_dir):
+    proc = run("analyze", str(run_dir / "final.pt"), "--model", "cnn", "--data", "builtin:digits", "--what", "trace", check=False)
+    assert_one_line_error(proc, 1, "does not fit the model")
+    assert "mismatch" in proc.stderr or "missing" in proc.stderr
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello, I am not a checkpoint")
+    proc = run("analyze", str(bad), "--model", "mlp", "--data", "builtin:synthetic", check=False)
+    assert_one_line_error(proc, 1, "not a")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": _Exploit()}, evil)
+    proc = run("analyze", str(evil), "--model", "mlp", "--data", "builtin:synthetic", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, 1, "refused")
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_unknown_what_is_a_usage_error(run_dir):
+    proc = run("analyze", str(run_dir), "--what", "trace,vibes", check=False)
+    assert_one_line_error(proc, 2, "vibes")
+
+
+def test_nonexistent_model_import_path(run_dir):
+    proc = run("analyze", str(run_dir / "final.pt"), "--model", "no_such_pkg.nets:make", "--data", "builtin:synthetic", check=False)
+    assert_one_line_error(proc, 1, "no_such_pkg")
+
+
+def test_bad_option_value_is_argparse_usage_error():
+    proc = run("analyze", "x.pt", "--dtype", "float16", check=False)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
