@@ -76,15 +76,17 @@ def analysis_rows(analysis: Mapping) -> list[list[str]]:
 
 
 def stability_rows(stability: Mapping | None) -> list[list[str]]:
+    """One row per σ: measured E[f(W+U)] − f(W) ± 95% next to σ²/2·Tr(H), and their ratio."""
     if not stability:
         return []
     s = as_dict(stability)
     rows = []
-    for point in s.get("points", []):
-        rows.append([f"noise stability σ={fmt(point['sigma'], 2)}",
-                     f"{pm(point['measured'], Z95 * point['stderr'])} (σ²/2·Tr H = {fmt(point['predicted'])})",
-                     f"95% CI, {point.get('n_samples', '')} loss evaluations, ratio {fmt(point.get('ratio'), 3)}",
-                     "", str(s.get("seed", ""))])
+    for i, sigma in enumerate(s["sigmas"]):
+        holds = "" if s["taylor_holds"][i] else "; Taylor breaks down"
+        rows.append([f"noise stability σ={fmt(sigma, 2)}",
+                     f"{pm(s['measured'][i], Z95 * s['measured_stderr'][i])} (σ²/2·Tr H = {fmt(s['predicted'][i])})",
+                     f"95% CI, {s['n_samples']} evaluations{' antithetic' if s['antithetic'] else ''}, "
+                     f"ratio {fmt(s['ratio'][i], 3)}{holds}", "", str(s.get("seed", ""))])
     return rows
 
 
@@ -100,7 +102,7 @@ def certificate_rows(certificate: Mapping | None, measures: Mapping | None) -> l
         for key, label in (("second_order", "measure: 2nd-order bound"), ("distance_weighted", "measure: Ju–Li–Zhang"),
                            ("trace_radius", "measure: √(Tr H·‖W−W0‖²/n)")):
             if key in m and m[key] is not None:
-                rows.append([label, fmt(m[key]), "a measure, not a certificate", str(m.get("matvecs", "")), ""])
+                rows.append([label, fmt(m[key]), "a measure, not a certificate", str(m.get("matvecs", "")), str(m.get("seed", ""))])
     return rows
 
 

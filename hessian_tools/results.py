@@ -232,3 +232,205 @@ class QuadratureResult(Result):
     matvecs: int
     exhausted: bool
     function: str
+
+
+def _tuples(data: dict, *names: str) -> dict:
+    """Turn the JSON lists of ``names`` back into tuples (helper for from_dict of tuple fields)."""
+    data = dict(data)
+    for name in names:
+        if data.get(name) is not None:
+            data[name] = tuple(_from_jsonable(data[name]))
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class StabilityResult(Result):
+    """Noise stability ``E_U[f(W+U)] − f(W)``, ``U ~ N(0, σ²I)`` on the selected parameters.
+
+    ``estimate`` ± ``stderr`` from ``n_samples`` perturbed loss evaluations (``evaluations`` adds the
+    one evaluation of f(W)). With ``antithetic`` the samples are pairs (+U, −U) and each pair's sample
+    is ``(f(W+U)+f(W−U))/2 − f(W)``; ``one_sided_stderr`` is the standard error a one-sided estimator
+    (samples ``f(W+U) − f(W)``) would have with the same number of evaluations, estimated from the same
+    evaluations, and ``variance_reduction = (one_sided_stderr / stderr)²`` is what antithetic sampling
+    saves (1 without it). ``samples`` are the per-pair (or per-draw) samples.
+    """
+
+    kind: ClassVar[str] = "stability"
+    estimate: float
+    stderr: float
+    sigma: float
+    n_samples: int
+    evaluations: int
+    antithetic: bool
+    seed: int | None
+    one_sided_stderr: float
+    variance_reduction: float
+    base_loss: float
+    dim: int
+    mode: str = "eval"
+    samples: tuple = ()
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return (self.estimate - Z95 * self.stderr, self.estimate + Z95 * self.stderr)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return super().from_dict(_tuples(data, "samples"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StabilityCurveResult(Result):
+    """Measured noise stability against the second-order prediction σ²/2·Tr(H), per σ (ascending).
+
+    ``ratio[i] = measured[i] / predicted[i]`` with ``ratio_stderr`` by the delta method (measurement
+    and trace errors independent). ``taylor_holds[i]`` is False when the whole 95% interval
+    ``ratio ± 1.96·ratio_stderr`` lies outside ``band`` (or the ratio is undefined);
+    ``breakdown_index`` is the first such index (``None``: the Taylor approximation holds on the
+    whole grid) and ``breakdown_sigma`` its σ.
+    """
+
+    kind: ClassVar[str] = "stability_curve"
+    sigmas: tuple
+    measured: tuple
+    measured_stderr: tuple
+    one_sided_stderr: tuple
+    predicted: tuple
+    predicted_stderr: tuple
+    ratio: tuple
+    ratio_stderr: tuple
+    taylor_holds: tuple
+    breakdown_index: int | None
+    breakdown_sigma: float | None
+    trace: float
+    trace_stderr: float
+    band: tuple
+    n_samples: int
+    antithetic: bool
+    seed: int | None
+    evaluations: int
+    matvecs: int
+    base_loss: float
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return super().from_dict(_tuples(
+            data, "sigmas", "measured", "measured_stderr", "one_sided_stderr", "predicted",
+            "predicted_stderr", "ratio", "ratio_stderr", "taylor_holds", "band"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateResult(Result):
+    """A PAC-Bayes certificate: with probability ≥ 1 − ``delta`` (over the training sample and the
+    Monte-Carlo weight draws), the true risk of the stochastic network N(W, σ²I) is ≤ ``bound``.
+
+    ``sigma`` is the grid point with the smallest bound (``sigma_index``); its KL, Monte-Carlo
+    training error (``mc_error`` ± ``mc_stderr`` over ``n_mc`` weight draws) and the upper bound
+    ``mc_upper`` on it are reported, and ``grid_*`` hold the same quantities for every σ of ``sigmas``.
+    ``delta = delta_bound + delta_mc``; the Monte-Carlo confidence is split over the grid
+    (``delta_mc_per_sigma = delta_mc / grid_size``) and the choice of σ costs ``grid_cost = ln(grid_size)``
+    nats in the KL term. ``evaluations`` counts full passes over the training set.
+    """
+
+    kind: ClassVar[str] = "certificate"
+    bound: float
+    sigma: float
+    sigma_index: int
+    kl: float
+    dist_sq: float
+    dim: int
+    mc_error: float
+    mc_stderr: float
+    mc_upper: float
+    kl_term: float
+    n: int
+    n_mc: int
+    delta: float
+    delta_bound: float
+    delta_mc: float
+    delta_mc_per_sigma: float
+    grid_size: int
+    grid_cost: float
+    loss: str
+    loss_max: float | None
+    train_loss: float
+    seed: int | None
+    evaluations: int
+    sigmas: tuple = ()
+    grid_bounds: tuple = ()
+    grid_kl: tuple = ()
+    grid_mc_errors: tuple = ()
+    grid_mc_stderr: tuple = ()
+    grid_mc_upper: tuple = ()
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return super().from_dict(_tuples(data, "sigmas", "grid_bounds", "grid_kl", "grid_mc_errors",
+                                         "grid_mc_stderr", "grid_mc_upper"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMeasure:
+    """The inputs of :class:`HessianMeasuresResult` for one parameter block (layer tensor)."""
+
+    name: str
+    size: int
+    dist: float                 # ‖v_i‖ = ‖W_i − W0_i‖
+    trace: float                # T_i, the block's Hessian trace estimate
+    trace_stderr: float
+    trace_clipped: bool         # T_i ≤ 0 was clipped to 0
+    sigma: float                # the optimal σ_i of the second-order bound (inf when T_i is clipped)
+    second_order: float         # ‖v_i‖·√(max(T_i, 0)/(nλ))
+    second_order_stderr: float
+    quadratic_form: float       # v_iᵀ H_i⁺ v_i by Lanczos quadrature
+    quadratic_form_change: float
+    quadratic_form_steps: int
+    exhausted: bool
+    distance_hessian: float     # √(max(v_iᵀ H_i⁺ v_i, 0)) / √n
+
+    def to_dict(self) -> dict:
+        return {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianMeasuresResult(Result):
+    """Hessian-based generalization MEASURES — not certificates: each replaces a sampled quantity by
+    a Taylor approximation or drops constants, so none is a bound that holds with probability 1 − δ.
+
+    * ``second_order`` = Σ_i ‖v_i‖·√(T_i/(nλ)): the curvature + KL part of a linear PAC-Bayes bound
+      with the perturbed loss replaced by f(W) + Σ_i σ_i²/2·T_i and σ_i optimised per layer;
+      ``loss`` is f(W).
+    * ``distance_hessian`` = Σ_i √(v_iᵀ H_i⁺ v_i)/√n (Ju, Li & Zhang, ICML 2022).
+    * ``trace_radius`` = √(Tr(H)·‖W − W0‖²/n) (the trace × radius form of the NSO paper).
+
+    ``*_stderr`` propagate the trace's standard errors (summed over layers: a bound on the standard
+    error whatever the correlation between block traces); ``distance_hessian_change`` is the Lanczos
+    error indicator propagated the same way. ``layers`` holds every per-layer input.
+    """
+
+    kind: ClassVar[str] = "hessian_measures"
+    second_order: float
+    second_order_stderr: float
+    distance_hessian: float
+    distance_hessian_change: float
+    trace_radius: float
+    trace_radius_stderr: float
+    trace: float
+    trace_stderr: float
+    dist: float
+    loss: float | None
+    n: int
+    lam: float
+    seed: int | None
+    matvecs: int
+    trace_matvecs: int
+    quadrature_matvecs: int
+    quadrature_steps: int
+    layers: tuple = ()
+    note: str = "measures, not certificates"
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        data["layers"] = tuple(LayerMeasure(**_from_jsonable(layer)) for layer in data.get("layers", ()))
+        return super().from_dict(data)
