@@ -31,9 +31,11 @@ class BatchSource:
 
     Iterating yields ``(index, inputs, targets, n)``. ``total`` (the number of samples N) is
     counted on the first pass; the mean loss over all samples is ``Σ_b n_b·loss_b / N``.
+    Empty data is an error unless ``allow_empty`` (one rank's shard of a distributed operator may
+    hold no batch at all; it then contributes a zero sum and a zero count).
     """
 
-    def __init__(self, data: Any):
+    def __init__(self, data: Any, allow_empty: bool = False):
         if isinstance(data, (tuple, list)) and len(data) == 2 and _is_tensorlike(data[0]) and _is_tensorlike(data[1]):
             if data[0].ndim > 0 and data[1].ndim > 0 and data[0].shape[0] == data[1].shape[0]:
                 data = [tuple(data)]
@@ -47,6 +49,7 @@ class BatchSource:
         except TypeError:
             raise DataError(f"data must be an (X, y) pair or an iterable of (inputs, targets) batches, got {type(data).__name__}") from None
         self.data = data
+        self.allow_empty = allow_empty
         self._total: int | None = None
         self._num_batches: int | None = None
 
@@ -62,7 +65,7 @@ class BatchSource:
             total += n
             count += 1
             yield index, inputs, targets, n
-        if count == 0:
+        if count == 0 and not self.allow_empty:
             raise DataError("the data is empty: no batch with at least one sample")
         self._total, self._num_batches = total, count
 

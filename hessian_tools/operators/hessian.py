@@ -52,7 +52,10 @@ class HessianOperator:
         once (bounds memory; ``None`` = all K at once).
     check_determinism: evaluate the first batch twice and refuse the operator if the two losses
         differ (e.g. dropout in train mode): such an "H" is not a fixed matrix.
-    process_group: reserved for data-parallel use (see :mod:`hessian_tools.operators.distributed`).
+    reducer: for data-parallel use, an object whose ``sum_block(total, count)`` and
+        ``sum_count(n)`` sum the local partial sums over all ranks (see
+        :mod:`hessian_tools.operators.distributed`); ``data`` is then this rank's shard and may be
+        empty.
     """
 
     def __init__(
@@ -83,7 +86,7 @@ class HessianOperator:
         module = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         self.model = module
         self.loss_fn = loss_fn
-        self.source = BatchSource(data)
+        self.source = BatchSource(data, allow_empty=reducer is not None)
         self.mode = mode
         self.chunk_size = chunk_size
         self.reducer = reducer
@@ -315,8 +318,8 @@ class HessianOperator:
         """Pick the backend (auto) and check determinism on the first batch."""
         try:
             index, inputs, targets, n = next(iter(self.source))
-        except StopIteration:  # pragma: no cover - BatchSource raises DataError first
-            raise
+        except StopIteration:  # an empty shard (only allowed with a reducer): nothing to probe
+            return
         inputs = move_to(inputs, self.device, self._input_dtype)
         targets = move_to(targets, self.device)
         with self._computation_mode():
