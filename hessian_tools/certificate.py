@@ -245,34 +245,6 @@ def _draw_and_evaluate(evaluator: PerturbedEvaluator, statistic, generator: torc
 # --------------------------------------------------------------------------------------------
 # Hessian-based measures (NOT certificates)
 # --------------------------------------------------------------------------------------------
-class _BlockView:
-    """The diagonal block H_ii = P_iᵀ H P_i of an operator (pad with zeros, multiply, restrict)."""
-
-    def __init__(self, op, block):
-        self.op, self.block = op, block
-        self.dim = block.size
-        self.dtype = getattr(op, "dtype", torch.float64)
-        self.device = getattr(op, "device", torch.device("cpu"))
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(self.op.dim, V.shape[1], dtype=V.dtype, device=V.device)
-        full[self.block.slice] = V
-        return self.op.matmat(full)[self.block.slice]
-
-
-def _block_operator(op, block):
-    """An operator for the layer's diagonal Hessian block H_i: for a HessianOperator a new operator
-    over that parameter tensor only (cheaper: gradients of that tensor alone), else a block view."""
-    from .operators.hessian import HessianOperator
-
-    if isinstance(op, HessianOperator):
-        return HessianOperator(
-            op.model, op.loss_fn, op.source.data, params=[block.name], mode=op.mode, backend=op.backend,
-            dtype=op.dtype, device=op.device, chunk_size=op.chunk_size, check_determinism=False, reducer=op.reducer,
-        )
-    return _BlockView(op, block)
-
-
 def hessian_measures(
     op,
     prior_flat,
@@ -317,15 +289,19 @@ def hessian_measures(
     (b) ``distance_hessian`` — Ju, Li & Zhang (ICML 2022): Σ_i √(v_iᵀ H_i⁺ v_i)/√n, H_i the
     layer's diagonal Hessian block (the restriction of H to that tensor's parameters) and H_i⁺ it
     with its negative eigenvalues set to 0. v_iᵀ H_i⁺ v_i = v_iᵀ relu(H_i) v_i by Lanczos
-    quadrature started at v_i (:func:`~hessian_tools.estimators.quadrature.quadratic_form`, up to
-    ``quadrature_steps`` HVPs of H_i per layer; exact once the Krylov space is exhausted). Note
+    quadrature started at v_i (:func:`~hessian_tools.estimators.quadrature.quadratic_forms`, up to
+    ``quadrature_steps`` HVPs of H_i per layer; exact once the Krylov space is exhausted). All
+    layers run as one batched Lanczos over the full operator with each column restricted to its
+    block (:class:`~hessian_tools.operators.block_diagonal.BlockColumnsOperator`): one data pass
+    per step for every layer together. Note
     relu(H_i) of the block is NOT the block of relu(H): the operator is the block's own.
     ``distance_hessian_change`` propagates each layer's last quadrature change (0 when exhausted).
 
     (c) ``trace_radius`` — the trace × radius form of the NSO paper: √(Tr(H)·‖W − W0‖²/n), Tr(H)
     the total trace (clipped at 0), stderr by the delta method.
     """
-    from .estimators.quadrature import quadratic_form
+    from .estimators.quadrature import quadratic_forms
+    from .operators.block_diagonal import BlockColumnsOperator
     from .estimators.trace import trace as estimate_trace
     from .operators.adapters import as_operator
     from .operators.params import ParameterBlock
@@ -367,11 +343,16 @@ def hessian_measures(
         raise ValueError("trace_result has no per-block traces; estimate it on the same operator (with blocks)")
 
     nlam = n * lam
+    # All per-layer quadratic forms v_iᵀ H_ii⁺ v_i in one batched Lanczos run: column i is v_i
+    # zero-padded to the full length, and the operator restricts each column's product to its block.
+    V = torch.zeros(op.dim, len(blocks), dtype=torch.float64)
+    for column, block in enumerate(blocks):
+        V[block.slice, column] = v[block.slice]
+    quads = quadratic_forms(BlockColumnsOperator(op, blocks), V, f="relu", steps=quadrature_steps, tol=quadrature_tol)
+    quad_matvecs = sum(q.matvecs for q in quads)
     layers = []
-    quad_matvecs = 0
-    for block, (T, T_se) in zip(blocks, block_traces):
-        v_i = v[block.slice]
-        d = float(v_i.norm())
+    for block, (T, T_se), q in zip(blocks, block_traces, quads):
+        d = float(v[block.slice].norm())
         clipped = not T > 0
         T_pos = max(T, 0.0)
         if clipped:
@@ -381,8 +362,6 @@ def hessian_measures(
             term = d * math.sqrt(T_pos / nlam)
             term_se = d * T_se / (2.0 * math.sqrt(nlam * T_pos))
             sigma = (d * d / (nlam * T_pos)) ** 0.25
-        q = quadratic_form(_block_operator(op, block), v_i, f="relu", steps=quadrature_steps, tol=quadrature_tol)
-        quad_matvecs += q.matvecs
         layers.append(LayerMeasure(
             name=block.name, size=block.size, dist=d, trace=T, trace_stderr=T_se, trace_clipped=clipped, sigma=sigma,
             second_order=term, second_order_stderr=term_se, quadratic_form=q.estimate,

@@ -30,6 +30,7 @@ from .data_source import BatchSource, move_to
 from .params import ParameterBlock, flatten, make_blocks, select_parameters
 
 BACKENDS = ("auto", "func", "autograd")
+SMALL_BLOCK = 2  # with backend="auto", blocks of at most this many columns use the double backward
 MODES = ("eval", "train")
 
 
@@ -102,6 +103,7 @@ class HessianOperator:
         # BatchNorm in train mode updates running statistics in place, which torch.func's vmap
         # cannot batch: train mode uses the autograd path unless asked otherwise.
         self.backend = "autograd" if (backend == "auto" and mode == "train") else backend
+        self._auto = backend == "auto"
         self._func_strategy = "forward-over-reverse"
         self.passes = 0  # full passes over the data made by this operator
         self.matvecs = 0  # columns of H·V computed so far
@@ -132,12 +134,17 @@ class HessianOperator:
             return V.clone()
         total = torch.zeros(self.dim, K, dtype=torch.float64, device=self.device)
         count = 0
+        # One or two columns: vmap's batching overhead outweighs its gain, and the plain double
+        # backward is faster (measured 3× on the small ResNet); both compute the same exact product.
+        use_autograd = self.backend == "autograd" or (self._auto and K <= SMALL_BLOCK)
         with self._computation_mode():
             params = self._param_values()
+            if use_autograd:
+                self._sync_autograd_model()
             for index, inputs, targets, n in self.source:
                 inputs = move_to(inputs, self.device, self._input_dtype)
                 targets = move_to(targets, self.device)
-                hv = self._batch_hvp(params, inputs, targets, V, index)
+                hv = self._batch_hvp(params, inputs, targets, V, index, use_autograd)
                 total.add_(hv.to(torch.float64), alpha=float(n))
                 count += n
         if self.reducer is not None:
@@ -223,8 +230,8 @@ class HessianOperator:
 
         return loss
 
-    def _batch_hvp(self, params, inputs, targets, V: torch.Tensor, index: int) -> torch.Tensor:
-        if self.backend == "autograd":
+    def _batch_hvp(self, params, inputs, targets, V: torch.Tensor, index: int, use_autograd: bool) -> torch.Tensor:
+        if use_autograd:
             hv = self._batch_hvp_autograd(inputs, targets, V, index)
         else:
             hv = self._batch_hvp_func(params, inputs, targets, V, index)
@@ -281,14 +288,22 @@ class HessianOperator:
         return torch.cat(pieces, dim=0).T.detach()
 
     def _autograd_model(self) -> nn.Module:
-        """The model the autograd backend differentiates: the model itself, or a float64 copy."""
+        """The model the autograd backend differentiates: the model itself, or its float64 copy."""
+        return self.model if self._input_dtype is None else self._cast_model
+
+    def _sync_autograd_model(self) -> None:
+        """For a computation dtype other than the model's, refresh a cast copy with the current weights."""
         if self._input_dtype is None:
-            return self.model
+            return
         if getattr(self, "_cast_model", None) is None:
             import copy
 
             self._cast_model = copy.deepcopy(self.model).to(self.dtype)
-        return self._cast_model
+        with torch.no_grad():
+            for mine, theirs in zip(self._cast_model.state_dict().values(), self.model.state_dict().values()):
+                mine.copy_(theirs)
+        for mine, theirs in zip(self._cast_model.modules(), self.model.modules()):
+            mine.training = theirs.training
 
     @staticmethod
     def _check_finite(value: torch.Tensor, index: int, what: str) -> None:
