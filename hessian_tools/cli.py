@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def _common(parser: argparse.ArgumentParser, json_out: bool = True) -> None:
         parser.add_argument("--json", metavar="FILE", help="also write the result as JSON ('-' = stdout)")
 
 
+def _distributed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--distributed", action="store_true",
+                        help="under torchrun: shard the data over the ranks (gloo on CPU, nccl on CUDA); rank 0 writes")
+
+
 def _model_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="mlp | cnn | resnet | MODULE:FACTORY (needed for a checkpoint file)")
     parser.add_argument("--data", help="builtin:digits | builtin:digits-finetune | builtin:digits-pretrain | "
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-hvps", type=int, default=600, help="HVP budget per estimator (default 600)")
     p.add_argument("--trace-method", choices=["hutchpp", "hutchinson", "xtrace"], default="hutchpp")
     _common(p)
+    _distributed(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("compare", help="paired trace comparison of checkpoints with common random probes",
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-hvps", type=int, default=300, help="HVPs per checkpoint (fixed, the same for all; default 300)")
     p.add_argument("--trace-method", choices=["hutchpp", "hutchinson"], default="hutchpp")
     _common(p)
+    _distributed(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("curve", help="trace and λmax of every epoch's checkpoint of run folders",
@@ -101,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip runs whose curve is already saved in --out")
     p.add_argument("--batch-size", type=int, default=512)
     _common(p)
+    _distributed(p)
     p.set_defaults(func=cmd_curve)
 
     p = sub.add_parser("bound", help="PAC-Bayes certificate and Hessian measures of a checkpoint",
@@ -188,7 +197,7 @@ def _settings(args, what):
     return AnalysisSettings(what=tuple(what), params=args.params, batch_size=args.batch_size, seed=args.seed,
                             trace_method=getattr(args, "trace_method", "hutchpp"), trace_rtol=getattr(args, "rtol", 0.02),
                             trace_max_matvecs=getattr(args, "max_hvps", 600), eig_max_matvecs=getattr(args, "max_hvps", 600),
-                            dtype=args.dtype, device=args.device)
+                            dtype=args.dtype, device=args.device, distributed=getattr(args, "distributed", False))
 
 
 def _parse_what(text: str) -> list[str]:
@@ -282,7 +291,8 @@ def cmd_curve(args) -> int:
     progress = Progress(args.quiet)
     try:
         curves, figures = run_curve(args.runs, every=args.every, rtol=args.rtol, seed=args.seed, batch_size=args.batch_size,
-                                    out=args.out, resume=args.resume, progress=progress)
+                                    out=args.out, resume=args.resume, progress=progress,
+                                    distributed=args.distributed, device=args.device)
     finally:
         progress.close()
     rows = [row for name, points in curves.items() for row in curve_rows(name, points)]
@@ -341,10 +351,24 @@ def cmd_matrix_sensing(args) -> int:
     return matrix_sensing_main(["--steps", str(args.steps), "--out", args.out, "--seeds", *map(str, seeds)])
 
 
+def _start_distributed(args) -> None:
+    """Join the torchrun process group; ranks other than 0 print and write nothing."""
+    from .operators.distributed import init_from_env, is_main_process
+
+    _, _, device = init_from_env(args.device)
+    args.device = str(device)
+    if not is_main_process():
+        args.quiet, args.json = True, None
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - closed at exit
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    distributed = getattr(args, "distributed", False)
     try:
+        if distributed:
+            _start_distributed(args)
         return args.func(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
@@ -359,3 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"hessian-tools {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -46,6 +46,7 @@ class AnalysisSettings:
     certificate_samples: int = 20
     dtype: str = "float32"
     device: str = "cpu"
+    distributed: bool = False  # shard the data over the torch.distributed ranks (torchrun)
 
     def __post_init__(self):
         unknown = [w for w in self.what if w not in ANALYSES]
@@ -83,6 +84,7 @@ class CheckpointAnalysis(Result):
     certificate: Result | None = None
     measures: Result | None = None
     settings: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds spent per analysis
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -101,8 +103,19 @@ def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: Analysis
     """The Hessian of the mean training cross-entropy over all of ``bundle.train``."""
     X, y = bundle.train
     dtype = torch.float64 if settings.dtype == "float64" else None
-    return HessianOperator(model, cross_entropy, batches(X, y, settings.batch_size), params=settings.params,
-                           dtype=dtype, device=settings.device)
+    data = batches(X, y, settings.batch_size)
+    if settings.distributed:
+        # Each rank streams its own (possibly uneven or empty) share of the batches; one all_reduce
+        # per product combines the sample-weighted sums, so every rank gets the full-data H·V.
+        import torch.distributed as dist
+
+        from .operators.distributed import distributed_hessian_operator, shard
+
+        return distributed_hessian_operator(model.to(settings.device), cross_entropy,
+                                            shard(data, dist.get_rank(), dist.get_world_size()),
+                                            params=settings.params, dtype=dtype, device=settings.device)
+    return HessianOperator(model.to(settings.device), cross_entropy, data, params=settings.params, dtype=dtype,
+                           device=settings.device)
 
 
 def analyze_model(
@@ -126,55 +139,62 @@ def analyze_model(
     train_loss, train_acc = evaluate(model, *bundle.train)
     test_loss, test_acc = evaluate(model, *bundle.test)
     parts: dict = {}
+    timings: dict = {}
     seed = settings.seed
+
+    def timed(name: str, message: str, compute: Callable[[], object]) -> None:
+        say(message)
+        t0 = time.perf_counter()
+        parts[name] = compute()
+        timings[name] = time.perf_counter() - t0
+
     if "trace" in settings.what or "bound" in settings.what:
-        say("trace")
-        parts["trace"] = trace(op, method=settings.trace_method, rtol=settings.trace_rtol,
-                               max_matvecs=settings.trace_max_matvecs, seed=seed)
+        timed("trace", "trace", lambda: trace(op, method=settings.trace_method, rtol=settings.trace_rtol,
+                                               max_matvecs=settings.trace_max_matvecs, seed=seed))
     if "eigs" in settings.what:
-        say("top eigenvalues")
-        parts["top"] = eigenvalues(op, k=min(settings.eig_k, op.dim), which="LA", tol=settings.eig_tol,
-                                   seed=seed, max_matvecs=settings.eig_max_matvecs)
-        say("smallest eigenvalue")
-        parts["bottom"] = eigenvalues(op, k=1, which="SA", tol=settings.eig_tol, seed=seed,
-                                      max_matvecs=settings.eig_max_matvecs)
+        timed("top", "top eigenvalues", lambda: eigenvalues(op, k=min(settings.eig_k, op.dim), which="LA", tol=settings.eig_tol,
+                                                             seed=seed, max_matvecs=settings.eig_max_matvecs))
+        timed("bottom", "smallest eigenvalue", lambda: eigenvalues(op, k=1, which="SA", tol=settings.eig_tol, seed=seed,
+                                                                     max_matvecs=settings.eig_max_matvecs))
     if "density" in settings.what:
         from .estimators.density import density
 
-        say("density")
-        parts["density"] = density(op, n_probes=settings.density_probes, steps=min(settings.density_steps, op.dim), seed=seed)
+        timed("density", "density", lambda: density(op, n_probes=settings.density_probes,
+                                                     steps=min(settings.density_steps, op.dim), seed=seed))
     if "stability" in settings.what:
-        parts["stability"] = _stability(model, bundle, settings, parts.get("trace"), say)
+        timed("stability", "noise stability", lambda: _stability(model, bundle, settings, parts.get("trace")))
     if "bound" in settings.what and prior_state is not None:
-        parts["certificate"], parts["measures"] = _bounds(model, bundle, settings, op, prior_state, parts["trace"], say)
+        timed("certificate", "PAC-Bayes certificate", lambda: _certificate(model, bundle, settings, prior_state))
+        timed("measures", "Hessian measures", lambda: _measures(op, bundle, settings, prior_state, parts["trace"]))
     hvps = op.matvecs
     return CheckpointAnalysis(
         name=name, dim=op.dim, n_train=int(bundle.train[1].shape[0]), n_test=int(bundle.test[1].shape[0]),
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc, seed=seed,
-        hvps=hvps, wall_time_s=time.perf_counter() - start, settings=dataclasses.asdict(settings), **parts,
+        hvps=hvps, wall_time_s=time.perf_counter() - start, settings=dataclasses.asdict(settings), timings=timings, **parts,
     )
 
 
-def _stability(model, bundle, settings, trace_result, say):
+def _stability(model, bundle, settings, trace_result):
     from .stability import stability_curve
 
-    say("noise stability")
     X, y = bundle.train
     return stability_curve(model, cross_entropy, batches(X, y, settings.batch_size), list(settings.sigmas),
                            trace_result, n_samples=settings.stability_samples, seed=settings.seed, params=settings.params)
 
 
-def _bounds(model, bundle, settings, op, prior_state, trace_result, say):
-    from .certificate import hessian_measures, pac_bayes_certificate
+def _certificate(model, bundle, settings, prior_state):
+    from .certificate import pac_bayes_certificate
 
-    say("PAC-Bayes certificate")
-    certificate = pac_bayes_certificate(model, bundle.train, prior_state, sigmas=settings.certificate_sigmas,
-                                        n_mc=settings.certificate_samples, delta=settings.delta, seed=settings.seed,
-                                        params=settings.params)
-    say("Hessian measures")
-    prior_flat = _flat_prior(op, prior_state)
-    measures = hessian_measures(op, prior_flat, n=int(bundle.train[1].shape[0]), trace_result=trace_result, seed=settings.seed)
-    return certificate, measures
+    return pac_bayes_certificate(model, bundle.train, prior_state, sigmas=settings.certificate_sigmas,
+                                 n_mc=settings.certificate_samples, delta=settings.delta, seed=settings.seed,
+                                 params=settings.params)
+
+
+def _measures(op, bundle, settings, prior_state, trace_result):
+    from .certificate import hessian_measures
+
+    return hessian_measures(op, _flat_prior(op, prior_state), n=int(bundle.train[1].shape[0]),
+                            trace_result=trace_result, seed=settings.seed)
 
 
 def _flat_prior(op: HessianOperator, prior_state: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -137,3 +137,19 @@ def test_nonexistent_model_import_path(run_dir):
 def test_bad_option_value_is_argparse_usage_error():
     proc = run("analyze", "x.pt", "--dtype", "float16", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_analyze_distributed_under_torchrun_matches_single_process(run_dir, tmp_path):
+    """Two gloo ranks on uneven shards give the single-process trace (same probes) to 1e-6."""
+    single = tmp_path / "single.json"
+    run("analyze", str(run_dir), "--what", "trace", "--batch-size", "64", "--json", str(single), "--quiet")
+    multi = tmp_path / "multi.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "hessian_tools", "analyze", str(run_dir), "--what", "trace", "--batch-size", "64",
+                           "--distributed", "--json", str(multi), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("Hessian trace") == 1  # rank 0 alone prints
+    a, b = json.loads(single.read_text())["trace"], json.loads(multi.read_text())["trace"]
+    assert b["estimate"] == pytest.approx(a["estimate"], rel=1e-6) and b["matvecs"] == a["matvecs"]
