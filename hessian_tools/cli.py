@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--out", default="figures", help="folder for matrix_sensing.json and .png")
+    p.add_argument("--d", type=int, default=100, help="matrix side d (default 100, as in the paper)")
+    p.add_argument("--r", type=int, default=5, help="true rank r (default 5)")
     _common(p, json_out=False)
     p.set_defaults(func=cmd_matrix_sensing)
     return parser
@@ -348,7 +350,8 @@ def cmd_matrix_sensing(args) -> int:
     from .matrix_sensing import main as matrix_sensing_main
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    return matrix_sensing_main(["--steps", str(args.steps), "--out", args.out, "--seeds", *map(str, seeds)])
+    return matrix_sensing_main(["--steps", str(args.steps), "--out", args.out, "--d", str(args.d), "--r", str(args.r),
+                                "--seeds", *map(str, seeds)])
 
 
 def _start_distributed(args) -> None:

@@ -153,3 +153,41 @@ def test_analyze_distributed_under_torchrun_matches_single_process(run_dir, tmp_
     assert proc.stdout.count("Hessian trace") == 1  # rank 0 alone prints
     a, b = json.loads(single.read_text())["trace"], json.loads(multi.read_text())["trace"]
     assert b["estimate"] == pytest.approx(a["estimate"], rel=1e-6) and b["matvecs"] == a["matvecs"]
+
+
+def test_bound_on_a_run_folder(run_dir, tmp_path):
+    out = tmp_path / "b.json"
+    proc = run("bound", str(run_dir), "--samples", "4", "--sigmas", "0.01,0.1", "--json", str(out), "--quiet")
+    assert "PAC-Bayes bound" in proc.stdout and "not a certificate" in proc.stdout
+    c = json.loads(out.read_text())["certificate"]
+    assert 0 <= c["mc_error"] <= c["mc_upper"] <= c["bound"] and c["sigma"] in (0.01, 0.1) and c["n_mc"] == 4
+
+
+def test_bound_without_prior_is_a_usage_error(run_dir):
+    proc = run("bound", str(run_dir / "final.pt"), "--model", "mlp", "--data", "builtin:synthetic", check=False)
+    assert_one_line_error(proc, 2, "--prior")
+
+
+def test_matrix_sensing_front_end(tmp_path):
+    proc = run("matrix-sensing", "--d", "12", "--r", "2", "--steps", "60", "--out", str(tmp_path), "--quiet")
+    data = json.loads((tmp_path / "matrix_sensing.json").read_text())
+    assert (tmp_path / "matrix_sensing.png").stat().st_size > 0
+    assert set(data["summary"]) == {"gd", "wp", "nso"}
+    assert all(len(s["final_val_loss"]) == 1 and s["hessian_trace_mean"] > 0 for s in data["summary"].values())
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_report_results_and_figures(tmp_path):
+    out = tmp_path / "demo"
+    proc = run("demo", "--quick", "--out", str(out), "--quiet")
+    assert "report:" in proc.stdout and "NSO vs SGD" in proc.stdout
+    report = (out / "report.md").read_text()
+    assert "| method |" in report and "PAC-Bayes bound" in report
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["runs"]} == {"sgd", "sam", "nso"}
+    assert all(r["analysis"]["trace"]["matvecs"] > 0 and r["curve"] for r in results["runs"])
+    pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert {"sharpness_curves.png", "trace_lambda_bars.png", "density.png", "stability.png"} <= set(pngs), pngs
+    # Re-running resumes: nothing is recomputed, the same numbers come back.
+    again = run("demo", "--quick", "--out", str(out), "--quiet")
+    assert json.loads((out / "results.json").read_text())["runs"][0]["analysis"] == results["runs"][0]["analysis"]
