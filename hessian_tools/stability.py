@@ -56,7 +56,7 @@ from torch.func import functional_call, vmap
 
 from .errors import NonFiniteError
 from .operators.data_source import BatchSource, move_to
-from .operators.params import make_blocks, select_parameters
+from .operators.params import frozen_state, make_blocks, select_parameters
 from .results import Z95, StabilityCurveResult, StabilityResult, TraceResult
 
 __all__ = ["noise_stability", "stability_curve", "PerturbedEvaluator", "TAYLOR_BAND", "gaussian_draws", "make_generator"]
@@ -152,16 +152,7 @@ class PerturbedEvaluator:
 
     # ------------------------------------------------------------------ internals
     def _frozen(self) -> dict[str, torch.Tensor]:
-        selected = set(self.param_names)
-        frozen = {}
-        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            if name in selected:
-                continue
-            t = t.detach()
-            if self._input_dtype is not None and t.is_floating_point():
-                t = t.to(self.dtype)
-            frozen[name] = t.clone() if self.mode == "train" else t  # train mode: BN updates a copy
-        return frozen
+        return frozen_state(self.model, self.param_names, self._input_dtype, copy=self.mode == "train")
 
     def _stacked(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
         k = block.shape[0]

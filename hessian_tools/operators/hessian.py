@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from ..errors import NondeterminismError, NonFiniteError
 from .adapters import _check_block, _check_vector, to_scipy
 from .data_source import BatchSource, move_to
-from .params import ParameterBlock, flatten, make_blocks, select_parameters
+from .params import ParameterBlock, flatten, frozen_state, make_blocks, select_parameters
 
 BACKENDS = ("auto", "func", "autograd")
 SMALL_BLOCK = 2  # with backend="auto", blocks of at most this many columns use the double backward
@@ -205,20 +205,9 @@ class HessianOperator:
     def _param_values(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to(device=self.device, dtype=self.dtype) for n, p in zip(self.param_names, self._params)}
 
-    def _frozen_values(self) -> dict[str, torch.Tensor]:
-        """Non-selected parameters and buffers, detached (cast to dtype when floating)."""
-        selected = set(self.param_names)
-        out = {}
-        for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            if name in selected:
-                continue
-            tensor = tensor.detach()
-            out[name] = tensor.to(self.dtype) if tensor.is_floating_point() and self._input_dtype else tensor
-        return out
-
     def _loss_of(self, inputs, targets) -> Callable:
         """θ ↦ (ℓ_b(θ), ℓ_b(θ)) as a pure function (loss, and the loss again as aux)."""
-        frozen = self._frozen_values()
+        frozen = frozen_state(self.model, self.param_names, self._input_dtype)
         model, loss_fn = self.model, self.loss_fn
 
         def loss(params):

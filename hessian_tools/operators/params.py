@@ -111,3 +111,21 @@ def unflatten_block(flat: torch.Tensor, blocks: Sequence[ParameterBlock]) -> lis
     """Split a (dim, *batch) tensor into per-block views of shape (block.shape, *batch)."""
     rest = tuple(flat.shape[1:])
     return [flat[b.slice].reshape(*b.shape, *rest) for b in blocks]
+
+
+def frozen_state(model: nn.Module, selected, dtype: torch.dtype | None = None, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The parameters NOT in ``selected`` and all buffers, detached, as ``functional_call`` expects.
+
+    Floating tensors are cast to ``dtype`` when given; ``copy=True`` clones them (in train mode
+    BatchNorm updates its running statistics in place, which must not reach the real model).
+    """
+    selected = set(selected)
+    out = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in selected:
+            continue
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        out[name] = tensor.clone() if copy else tensor
+    return out
