@@ -25,11 +25,24 @@ $(STAMP_TEST): $(STAMP_CORE)
 	$(PIP) install -q -e ".[test]" "$(TORCH_SPEC)"
 	touch $@
 
-# curvlinops is installed without its dependency backpack-for-pytorch's torchvision pin; see analysis/README.md.
-$(STAMP_BENCH): $(STAMP_TEST)
+# Peers for analysis/bench_peers.py (see analysis/README.md). pyhessian and hessian-eigenthings need
+# only torch/numpy/scipy/tqdm. curvlinops-for-pytorch depends on backpack-for-pytorch, which pins
+# torchvision (and with it another torch build); curvlinops imports backpack only in its experimental
+# module, so both are installed with --no-deps and curvlinops' light pure-Python imports are added
+# explicitly, always next to the torch pin. The last line fails the target if torch changed, if
+# torchvision slipped in, or if curvlinops' HessianLinearOperator cannot be imported.
+BENCH_PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1
+BENCH_LIGHT := einops==0.8.2 einconv==0.1.0 linear_operator==0.6.1 opt-einsum==3.4.0
+$(STAMP_BENCH): $(STAMP_CORE)
 	$(PIP) install -q -e ".[bench]" "$(TORCH_SPEC)"
-	$(PIP) install -q --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1
-	$(PIP) install -q einops einconv opt-einsum linear_operator "$(TORCH_SPEC)"
+	$(PIP) install -q --no-deps $(BENCH_PEERS)
+	$(PIP) install -q $(BENCH_LIGHT) "$(TORCH_SPEC)"
+	$(PY) -c "import importlib.util as u, importlib.metadata as m; spec = '$(TORCH_SPEC)'.split('=='); \
+	assert len(spec) < 2 or m.version('torch').split('+')[0] == spec[1], 'torch changed: ' + m.version('torch'); \
+	assert u.find_spec('torchvision') is None, 'torchvision was installed'; \
+	from curvlinops import HessianLinearOperator; import pyhessian, hessian_eigenthings; \
+	print('bench peers ok: torch', m.version('torch'), '| curvlinops', m.version('curvlinops-for-pytorch'), \
+	'| pyhessian', m.version('pyhessian'), '| hessian-eigenthings', m.version('hessian-eigenthings'))"
 	touch $@
 
 venv: $(STAMP_TEST)
@@ -40,8 +53,10 @@ demo: $(STAMP_CORE)
 test: $(STAMP_TEST)
 	$(PY) -m pytest
 
+# The full comparison (~30-40 min on 2 cores; `make bench BENCH_ARGS=--quick` for a 1-minute smoke run).
+BENCH_ARGS ?=
 bench: $(STAMP_BENCH)
-	$(PY) analysis/bench_peers.py --out figures
+	$(PY) analysis/bench_peers.py --out figures $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info reports

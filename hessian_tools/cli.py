@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .pipeline import ANALYSES
+from .pipeline import ANALYSES, AnalysisSettings
 
 EPILOG_DEMO = """examples:
   hessian-tools demo                       # the main job on the embedded default (digits, small ResNet)
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", help="prior/initial weights (a run folder's init.pt by default)")
     p.add_argument("--delta", type=float, default=0.05, help="the bound holds with probability ≥ 1 − delta")
     p.add_argument("--samples", type=int, default=20, help="Monte-Carlo weight draws (default 20)")
-    p.add_argument("--sigmas", default="0.001,0.003,0.01,0.03,0.1", help="posterior σ grid (paid by a union bound)")
+    p.add_argument("--sigmas", default=",".join(map(str, AnalysisSettings().certificate_sigmas)),
+                   help="posterior σ grid, paid for by a union bound (default %(default)s)")
     _common(p)
     p.set_defaults(func=cmd_bound)
 
@@ -179,6 +180,12 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _emit_json(target: str | None, obj) -> None:
     if not target:
@@ -228,12 +235,9 @@ def cmd_demo(args) -> int:
     if args.quick:
         config = config.quick()
     config = dataclasses.replace(config, analysis=dataclasses.replace(config.analysis, seed=args.seed, device=args.device))
-    progress = Progress(args.quiet)
-    try:
+    with Progress(args.quiet) as progress:
         results = run_demo(args.out, config, resume=not args.no_resume, progress=progress)
         report = write_demo_report(results, args.out)
-    finally:
-        progress.close()
     print(Path(report).read_text().split("## Per run")[0].rstrip())
     print(f"\nreport: {report}")
     return 0
@@ -241,19 +245,21 @@ def cmd_demo(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .checkpoints import resolve
-    from .pipeline import analyze_model
-    from .report import analysis_text
 
     what = _parse_what(args.what)
     loaded = resolve(args.checkpoint, args.model, args.data, args.prior)
     if "bound" in what and loaded.prior is None:
         print("note: no prior weights (--prior), so no PAC-Bayes bound", file=sys.stderr)
-    progress = Progress(args.quiet)
-    try:
-        result = analyze_model(loaded.model, loaded.data, _settings(args, what), prior_state=loaded.prior,
-                               name=loaded.name, progress=progress)
-    finally:
-        progress.close()
+    return _analyze_and_print(args, loaded, _settings(args, what))
+
+
+def _analyze_and_print(args, loaded, settings) -> int:
+    from .pipeline import analyze_model
+    from .report import analysis_text
+
+    with Progress(args.quiet) as progress:
+        result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name,
+                               progress=progress)
     print(analysis_text(result))
     _emit_json(args.json, result)
     return 0
@@ -272,11 +278,8 @@ def cmd_compare(args) -> int:
         loaded = resolve(target, args.model, args.data)
         name = loaded.name if loaded.name not in operators else f"{loaded.name}#{len(operators)}"
         operators[name] = make_operator(loaded.model, loaded.data, settings)
-    progress = Progress(args.quiet)
-    try:
+    with Progress(args.quiet) as progress:
         result = compare_traces(operators, method=args.trace_method, max_matvecs=args.max_hvps, seed=args.seed, progress=progress)
-    finally:
-        progress.close()
     print(text_table(COMPARISON_HEADER, comparison_rows(result)))
     print(f"\nsame probes for every checkpoint (seed {args.seed}, {args.max_hvps} HVPs each, {args.trace_method})")
     _emit_json(args.json, result)
@@ -284,19 +287,15 @@ def cmd_compare(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from .checkpoints import resolve  # noqa: F401  (run folders are validated by load_run)
     from .curves import run_curve
     from .report import CURVE_HEADER, curve_rows, text_table
 
     if args.every < 1:
         raise UsageError("--every must be ≥ 1")
-    progress = Progress(args.quiet)
-    try:
+    with Progress(args.quiet) as progress:
         curves, figures = run_curve(args.runs, every=args.every, rtol=args.rtol, seed=args.seed, batch_size=args.batch_size,
                                     out=args.out, resume=args.resume, progress=progress,
                                     distributed=args.distributed, device=args.device)
-    finally:
-        progress.close()
     rows = [row for name, points in curves.items() for row in curve_rows(name, points)]
     print(text_table(CURVE_HEADER, rows))
     for figure in figures:
@@ -307,8 +306,6 @@ def cmd_curve(args) -> int:
 
 def cmd_bound(args) -> int:
     from .checkpoints import resolve
-    from .pipeline import AnalysisSettings, analyze_model
-    from .report import analysis_text
 
     sigmas = _floats(args.sigmas, "--sigmas")
     loaded = resolve(args.checkpoint, args.model, args.data, args.prior)
@@ -316,14 +313,7 @@ def cmd_bound(args) -> int:
         raise UsageError("a bound needs the prior (initial) weights: pass --prior FILE (run folders use their init.pt)")
     settings = dataclasses.replace(_settings(args, ["bound"]), delta=args.delta, certificate_sigmas=sigmas,
                                    certificate_samples=args.samples)
-    progress = Progress(args.quiet)
-    try:
-        result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name, progress=progress)
-    finally:
-        progress.close()
-    print(analysis_text(result))
-    _emit_json(args.json, result)
-    return 0
+    return _analyze_and_print(args, loaded, settings)
 
 
 def cmd_train(args) -> int:

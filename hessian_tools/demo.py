@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from .data import load_data
 from .curves import sharpness_curve
@@ -34,7 +33,7 @@ class DemoConfig:
     methods: tuple = ("sgd", "sam", "nso")
     seeds: tuple = (0, 1, 2)
     pretrain_epochs: int = 12
-    finetune_epochs: int = 12
+    finetune_epochs: int = 10
     pretrain_lr: float = 0.05
     lr: float = 0.02
     batch_size: int = 32

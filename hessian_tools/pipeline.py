@@ -37,12 +37,12 @@ class AnalysisSettings:
     eig_k: int = 5
     eig_tol: float = 1e-4
     eig_max_matvecs: int = 600
-    density_probes: int = 8
-    density_steps: int = 60
-    sigmas: tuple = (1e-3, 3e-3, 1e-2, 3e-2)
-    stability_samples: int = 64
+    density_probes: int = 6
+    density_steps: int = 40
+    sigmas: tuple = (1e-3, 1e-2, 3e-2, 1e-1)
+    stability_samples: int = 32
     delta: float = 0.05
-    certificate_sigmas: tuple = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    certificate_sigmas: tuple = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     certificate_samples: int = 20
     dtype: str = "float32"
     device: str = "cpu"

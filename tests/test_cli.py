@@ -169,7 +169,7 @@ def test_bound_without_prior_is_a_usage_error(run_dir):
 
 
 def test_matrix_sensing_front_end(tmp_path):
-    proc = run("matrix-sensing", "--d", "12", "--r", "2", "--steps", "60", "--out", str(tmp_path), "--quiet")
+    run("matrix-sensing", "--d", "12", "--r", "2", "--steps", "60", "--out", str(tmp_path), "--quiet")
     data = json.loads((tmp_path / "matrix_sensing.json").read_text())
     assert (tmp_path / "matrix_sensing.png").stat().st_size > 0
     assert set(data["summary"]) == {"gd", "wp", "nso"}
@@ -188,6 +188,9 @@ def test_demo_quick_writes_report_results_and_figures(tmp_path):
     assert all(r["analysis"]["trace"]["matvecs"] > 0 and r["curve"] for r in results["runs"])
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert {"sharpness_curves.png", "trace_lambda_bars.png", "density.png", "stability.png"} <= set(pngs), pngs
-    # Re-running resumes: nothing is recomputed, the same numbers come back.
+    # Re-running resumes: the saved analyses are reused (not rewritten), the same numbers come back.
+    saved = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
     again = run("demo", "--quick", "--out", str(out), "--quiet")
+    assert "report:" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == saved
     assert json.loads((out / "results.json").read_text())["runs"][0]["analysis"] == results["runs"][0]["analysis"]

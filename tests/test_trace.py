@@ -1,5 +1,4 @@
 """Trace estimators against exact traces: error bars that hold, shrink, and sum over blocks."""
-import math
 
 import pytest
 import torch

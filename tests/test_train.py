@@ -9,7 +9,6 @@ import torch
 
 import hessian_tools.train as train_mod
 from hessian_tools.errors import CheckpointError, NonFiniteError
-from hessian_tools.io import load_state_dict
 from hessian_tools.models import seeded_build
 from hessian_tools.train import TrainConfig, build_run_model, evaluate, load_run, train
 

@@ -17,8 +17,7 @@ not grow with N.
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
