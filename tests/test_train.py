@@ -12,24 +12,6 @@ from hessian_tools.errors import CheckpointError, NonFiniteError
 from hessian_tools.models import seeded_build
 from hessian_tools.train import TrainConfig, build_run_model, evaluate, load_run, train
 
-try:  # the optimizer package is written in parallel; fall back to plain SGD until it lands
-    from hessian_tools.optim import make_optimizer  # noqa: F401
-
-    HAVE_OPTIM = True
-except ImportError:  # pragma: no cover - only before hessian_tools.optim exists
-    HAVE_OPTIM = False
-
-
-@pytest.fixture(autouse=True)
-def _optimizer_fallback(monkeypatch):
-    if not HAVE_OPTIM:
-        def fallback(config, model, generator):
-            assert config.method == "sgd", "hessian_tools.optim is missing: only method='sgd' can be tested"
-            return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                   weight_decay=config.weight_decay)
-        monkeypatch.setattr(train_mod, "_make_optimizer", fallback)
-
-
 SYN = "builtin:synthetic?n=120&d=6&num_classes=3"
 
 
@@ -102,7 +84,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
         json.loads((b / "run.json").read_text())["epochs"][1]["test_loss"]
 
 
-METHODS = [("sgd", {}), ("nso", {"sigma": 0.05}), ("sam", {"rho": 0.05})] if HAVE_OPTIM else [("sgd", {})]
+METHODS = [("sgd", {}), ("nso", {"sigma": 0.05}), ("sam", {"rho": 0.05})]
 
 
 @pytest.mark.parametrize("method, opts", METHODS)
