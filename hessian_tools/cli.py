@@ -43,6 +43,7 @@ class UsageError(Exception):
 def _common(parser: argparse.ArgumentParser, json_out: bool = True) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     if json_out:
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="learning-rate schedule")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--base", default="sgd", choices=["sgd", "adam", "adamw"])
     p.add_argument("--momentum", type=float, default=0.9)
@@ -321,6 +323,7 @@ def cmd_train(args) -> int:
 
     options = {k: getattr(args, k) for k in ("sigma", "k", "lam", "rho") if getattr(args, k) is not None}
     config = TrainConfig(model=args.model, data=args.data, method=args.method, base=args.base, lr=args.lr,
+                         schedule=args.schedule,
                          momentum=args.momentum, weight_decay=args.weight_decay, epochs=args.epochs,
                          batch_size=args.batch_size, seed=args.seed, init_checkpoint=args.init, **options)
     quiet = args.quiet
@@ -359,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     distributed = getattr(args, "distributed", False)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     try:
         if distributed:
             _start_distributed(args)

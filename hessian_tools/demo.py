@@ -36,6 +36,7 @@ class DemoConfig:
     finetune_epochs: int = 10
     pretrain_lr: float = 0.05
     lr: float = 0.02
+    schedule: str = "cosine"  # fine-tuning ends annealed, so final checkpoints are comparable across seeds
     batch_size: int = 32
     sigma: float = 0.01  # NSO noise scale (absolute, as in the paper)
     k: int = 1
@@ -67,6 +68,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, resume: 
 
     say("pre-training on digits 0–4")
     pretrain = train(TrainConfig(model=config.model, data="builtin:digits-pretrain", lr=config.pretrain_lr,
+                                 schedule=config.schedule,
                                  epochs=config.pretrain_epochs, batch_size=config.batch_size, seed=0),
                      runs_dir / "pretrain", resume=resume)
     finetune_data = f"builtin:digits-finetune?per_class={config.per_class}"
@@ -78,6 +80,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, resume: 
             name = f"{method}-s{seed}"
             say(f"fine-tuning {name}")
             run_dir = train(TrainConfig(model=config.model, data=finetune_data, method=method, lr=config.lr,
+                                        schedule=config.schedule,
                                         epochs=config.finetune_epochs, batch_size=config.batch_size, seed=seed,
                                         init_checkpoint=str(pretrain / "final.pt"), **_method_options(config, method)),
                             runs_dir / name, resume=resume)

@@ -184,7 +184,8 @@ def demo_markdown(results: Mapping, figures: Sequence[str] = ()) -> str:
         f"Model: small ResNet (`{cfg['model']}`), pre-trained on digits 0–4 "
         f"(final test accuracy {fmt(results['pretrain']['test_acc'])}), fine-tuned on digits 5–9 with "
         f"{cfg['per_class']} images per class (n = {results['data']['n_train']}; test n = {results['data']['n_test']}), "
-        f"{cfg['finetune_epochs']} epochs, lr {cfg['lr']}, batch {cfg['batch_size']}; NSO σ = {cfg['sigma']}, k = {cfg['k']}; "
+        f"{cfg['finetune_epochs']} epochs, lr {cfg['lr']} ({cfg.get('schedule', 'constant')}), batch {cfg['batch_size']}; "
+        f"NSO σ = {cfg['sigma']}, k = {cfg['k']}; "
         f"SAM ρ = {cfg['rho']}. {seeds} seeds per method. Curvature of the training cross-entropy over the whole "
         f"fine-tuning set (BatchNorm in eval mode). Wall time {results['wall_time_s']:.0f} s.",
         "",

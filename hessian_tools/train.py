@@ -50,10 +50,20 @@ from .errors import CheckpointError, NonFiniteError
 from .io import atomic_torch_save, atomic_write_json, load_into_model, load_state_dict, read_json
 from .models import seeded_build
 
-__all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "METHODS", "BASES"]
+__all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "METHODS", "BASES", "SCHEDULES"]
 
 METHODS = ("sgd", "nso", "wp", "sam", "asam")
 BASES = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: "TrainConfig", step: int, total_steps: int) -> float:
+    """The learning rate of global step ``step`` (0-based) of ``total_steps``: constant, or cosine
+    annealing lr·½(1 + cos(π·step/total_steps)). A function of the step alone, so a resumed run
+    follows the same schedule without saved scheduler state."""
+    if config.schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
@@ -80,6 +90,7 @@ class TrainConfig:
     rho: float | None = None
     base: str = "sgd"
     lr: float = 0.05
+    schedule: str = "constant"  # or "cosine": lr·½(1 + cos(π·t/T)) over the T steps of the run
     momentum: float = 0.9
     weight_decay: float = 0.0
     epochs: int = 10
@@ -101,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not isinstance(self.model_kwargs, Mapping):
             raise ValueError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
         try:  # normalise through JSON, so a config read back from run.json compares equal
@@ -291,7 +304,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
     for epoch in range(start + 1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
+        steps_per_epoch = math.ceil(X_train.shape[0] / config.batch_size)
         for step, (xb, yb) in enumerate(batches(X_train, y_train, config.batch_size, generator=data_gen)):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, (epoch - 1) * steps_per_epoch + step, config.epochs * steps_per_epoch)
             def closure(xb=xb, yb=yb):
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(xb), yb)

@@ -1,6 +1,7 @@
 """Training runs: the run folder, safe checkpoints, seeding, resume, fine-tuning."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -207,3 +208,23 @@ def test_config_validation_and_nonfinite_loss(tmp_path):
         TrainConfig.from_dict({"modle": "mlp"})
     with pytest.raises(NonFiniteError, match="training loss became"):
         train(config(lr=1e30, momentum=0.0, epochs=1), tmp_path / "nan")
+
+
+def test_cosine_schedule_anneals_and_resumes_bit_for_bit(tmp_path):
+    from hessian_tools.train import learning_rate
+
+    cfg = config(schedule="cosine", epochs=3)
+    assert learning_rate(cfg, 0, 12) == pytest.approx(cfg.lr)
+    assert learning_rate(cfg, 6, 12) == pytest.approx(cfg.lr / 2)
+    assert learning_rate(cfg, 11, 12) < 0.02 * cfg.lr
+    assert learning_rate(config(), 11, 12) == config().lr
+    full = train(cfg, tmp_path / "full")
+    part = train(dataclasses.replace(cfg, epochs=3), tmp_path / "part")
+    (part / "epoch_003.pt").unlink()
+    (part / "final.pt").unlink()
+    train(cfg, part, resume=True)
+    a = torch.load(full / "final.pt", weights_only=True)
+    b = torch.load(part / "final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="schedule"):
+        config(schedule="step")
