@@ -56,7 +56,7 @@ def analysis_rows(analysis: Mapping) -> list[list[str]]:
     ]
     tr = a.get("trace")
     if tr:
-        rows.append(["Hessian trace", pm(tr["estimate"], Z95 * tr["stderr"]), f"95% CI, {tr['method']}, {tr['n_probes']} probes",
+        rows.append(["Hessian trace", pm(tr["estimate"], Z95 * tr["stderr"]), f"95% CI, {tr['method']}, {tr['n_probes']} {'residual ' if tr['method'] == 'hutchpp' else ''}probes",
                      str(tr["matvecs"]), str(tr["seed"])])
     for key, label in (("top", "top eigenvalues"), ("bottom", "smallest eigenvalue")):
         e = a.get(key)
@@ -99,7 +99,7 @@ def certificate_rows(certificate: Mapping | None, measures: Mapping | None) -> l
                      f"MC error {fmt(c.get('mc_error'))} ({c.get('n_mc', '')} draws)", "", str(c.get("seed", ""))])
     if measures:
         m = as_dict(measures)
-        for key, label in (("second_order", "measure: 2nd-order bound"), ("distance_weighted", "measure: Ju–Li–Zhang"),
+        for key, label in (("second_order", "measure: 2nd-order bound"), ("distance_hessian", "measure: Ju–Li–Zhang Σ√(vᵀH⁺v)/√n"),
                            ("trace_radius", "measure: √(Tr H·‖W−W0‖²/n)")):
             if key in m and m[key] is not None:
                 rows.append([label, fmt(m[key]), "a measure, not a certificate", str(m.get("matvecs", "")), str(m.get("seed", ""))])

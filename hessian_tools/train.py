@@ -207,9 +207,12 @@ def _state_path(run_dir: Path, epoch: int) -> Path:
 
 
 def _compatible(old: Mapping[str, Any], new: TrainConfig) -> list[str]:
+    """Config keys (other than ``epochs``) whose values differ; an option the old run folder does
+    not record (written before the option existed) counts as its default."""
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
     new_d = json.loads(json.dumps(new.to_dict()))
     keys = sorted((set(old) | set(new_d)) - {"epochs"})
-    return [k for k in keys if old.get(k) != new_d.get(k)]
+    return [k for k in keys if old.get(k, defaults.get(k)) != new_d.get(k)]
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,

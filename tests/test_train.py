@@ -228,3 +228,14 @@ def test_cosine_schedule_anneals_and_resumes_bit_for_bit(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="schedule"):
         config(schedule="step")
+
+
+def test_resume_accepts_a_run_recorded_before_an_option_existed(tmp_path):
+    cfg = config(epochs=1)
+    run_dir = train(cfg, tmp_path / "old")
+    meta = json.loads((run_dir / "run.json").read_text())
+    del meta["config"]["schedule"]  # as written before the option existed
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    train(dataclasses.replace(cfg, epochs=2), run_dir, resume=True)
+    with pytest.raises(CheckpointError, match="schedule"):
+        train(dataclasses.replace(cfg, epochs=3, schedule="cosine"), run_dir, resume=True)
