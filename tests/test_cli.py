@@ -87,10 +87,14 @@ def test_curve_gives_one_point_per_epoch(run_dir, tmp_path):
     assert "λmax" in proc.stdout
 
 
-def test_help_has_examples():
+def test_help_has_examples(capsys):
+    from hessian_tools.cli import main
+
     for command in ("demo", "analyze", "compare", "curve", "bound", "train"):
-        proc = run(command, "--help")
-        assert "examples:" in proc.stdout, command
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "examples:" in capsys.readouterr().out, command
 
 
 def test_missing_checkpoint(tmp_path):
