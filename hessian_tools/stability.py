@@ -46,9 +46,8 @@ parameters and inputs; sums over batches are always accumulated in float64).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,7 +55,7 @@ from torch.func import functional_call, vmap
 
 from .errors import NonFiniteError
 from .operators.data_source import BatchSource, move_to
-from .operators.params import frozen_state, make_blocks, select_parameters
+from .operators.params import computation_mode, frozen_state, make_blocks, select_parameters
 from .results import Z95, StabilityCurveResult, StabilityResult, TraceResult
 
 __all__ = ["noise_stability", "stability_curve", "PerturbedEvaluator", "TAYLOR_BAND", "gaussian_draws", "make_generator"]
@@ -194,15 +193,8 @@ class PerturbedEvaluator:
                 count += n
         return (total / count).cpu()
 
-    @contextlib.contextmanager
-    def _mode(self) -> Iterator[None]:
-        flags = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.mode == "train")
-        try:
-            yield
-        finally:
-            for module, flag in flags:
-                module.training = flag
+    def _mode(self):
+        return computation_mode(self.model, self.mode)
 
 
 def _check_sigma(sigma) -> float:

@@ -102,17 +102,24 @@ def hutchinson(
     drawn = sample_quadratic_forms(
         H, make_generator(seed), min(n_probes, max_matvecs), rtol=rtol, min_probes=min_probes, block_size=block_size
     )
-    estimate, stderr = mean_and_stderr(drawn.totals)
+    return trace_result(drawn, H, "hutchinson", seed, rtol, keep_samples)
+
+
+def trace_result(drawn: QuadraticFormSamples, H: CountingOperator, method: str, seed, rtol, keep_samples: bool,
+                 exact: float = 0.0, exact_blocks: torch.Tensor | None = None) -> TraceResult:
+    """The TraceResult of an exactly known part (``exact``, per block ``exact_blocks``) plus the
+    mean of the sampled quadratic forms, with the samples' standard error."""
+    mean, stderr = mean_and_stderr(drawn.totals)
     return TraceResult(
-        estimate=estimate,
+        estimate=exact + mean,
         stderr=stderr,
         matvecs=H.matvecs,
-        method="hutchinson",
+        method=method,
         seed=seed,
         n_probes=drawn.totals.numel(),
         rtol=rtol,
         converged=drawn.converged,
-        blocks=block_results(H.blocks, drawn.blocks),
+        blocks=block_results(H.blocks, drawn.blocks, exact_blocks),
         samples=tuple(drawn.totals.tolist()) if keep_samples else (),
     )
 

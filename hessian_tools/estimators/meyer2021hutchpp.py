@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..results import TraceResult
-from .common import CountingOperator, block_index, block_sums, check_positive_int, check_rtol, mean_and_stderr
-from .hutchinson import block_results, sample_quadratic_forms
+from .common import CountingOperator, block_index, block_sums, check_positive_int, check_rtol
+from .hutchinson import block_results, sample_quadratic_forms, trace_result
 from .probes import make_generator, rademacher
 
 
@@ -69,16 +69,4 @@ def hutchpp(
         H, generator, max_matvecs - H.matvecs, rtol=rtol, min_probes=min_probes,
         block_size=block_size, offset=exact, project=project,
     )
-    residual, stderr = mean_and_stderr(drawn.totals)
-    return TraceResult(
-        estimate=exact + residual,
-        stderr=stderr,
-        matvecs=H.matvecs,
-        method="hutchpp",
-        seed=seed,
-        n_probes=drawn.totals.numel(),
-        rtol=rtol,
-        converged=drawn.converged,
-        blocks=block_results(H.blocks, drawn.blocks, exact_blocks),
-        samples=tuple(drawn.totals.tolist()) if keep_samples else (),
-    )
+    return trace_result(drawn, H, "hutchpp", seed, rtol, keep_samples, exact, exact_blocks)

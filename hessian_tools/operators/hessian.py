@@ -16,7 +16,6 @@ not grow with N.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import torch
@@ -26,7 +25,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from ..errors import NondeterminismError, NonFiniteError
 from .adapters import _check_block, _check_vector, to_scipy
 from .data_source import BatchSource, move_to
-from .params import ParameterBlock, flatten, frozen_state, make_blocks, select_parameters
+from .params import ParameterBlock, computation_mode, flatten, frozen_state, make_blocks, select_parameters
 
 BACKENDS = ("auto", "func", "autograd")
 SMALL_BLOCK = 2  # with backend="auto", blocks of at most this many columns use the double backward
@@ -298,24 +297,8 @@ class HessianOperator:
         if not bool(torch.isfinite(value).all()):
             raise NonFiniteError(f"non-finite {what} on batch {index}: check the data, the loss and the checkpoint")
 
-    @contextlib.contextmanager
     def _computation_mode(self):
-        """Put the model in eval (or train) mode; restore every module's flag and, in train
-        mode, every buffer (BatchNorm running statistics) afterwards."""
-        flags = [(m, m.training) for m in self.model.modules()]
-        saved_buffers = None
-        if self.mode == "train":
-            saved_buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        self.model.train(self.mode == "train")
-        try:
-            yield
-        finally:
-            for module, flag in flags:
-                module.training = flag
-            if saved_buffers is not None:
-                with torch.no_grad():
-                    for buffer, value in saved_buffers:
-                        buffer.copy_(value)
+        return computation_mode(self.model, self.mode)
 
     def _probe_first_batch(self, check_determinism: bool) -> None:
         """Pick the backend (auto) and check determinism on the first batch."""

@@ -6,6 +6,7 @@ Each :class:`ParameterBlock` records one tensor's slice of the flat vector, so p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Iterable, Sequence
@@ -129,3 +130,21 @@ def frozen_state(model: nn.Module, selected, dtype: torch.dtype | None = None, c
             tensor = tensor.to(dtype)
         out[name] = tensor.clone() if copy else tensor
     return out
+
+
+@contextlib.contextmanager
+def computation_mode(model: nn.Module, mode: str):
+    """Put ``model`` in eval (``mode="eval"``) or train mode for a computation; afterwards restore
+    every module's training flag and, in train mode, every buffer (BatchNorm running statistics
+    move in train mode and must not leak into the caller's model)."""
+    flags = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if mode == "train" else []
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
