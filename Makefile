@@ -53,7 +53,7 @@ demo: $(STAMP_CORE)
 test: $(STAMP_TEST)
 	$(PY) -m pytest
 
-# The full comparison (~30-40 min on 2 cores; `make bench BENCH_ARGS=--quick` for a 1-minute smoke run).
+# The full comparison (~50 min on 2 cores; `make bench BENCH_ARGS=--quick` for a 30-second smoke run).
 BENCH_ARGS ?=
 bench: $(STAMP_BENCH)
 	$(PY) analysis/bench_peers.py --out figures $(BENCH_ARGS)

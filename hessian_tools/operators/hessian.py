@@ -29,6 +29,9 @@ from .params import ParameterBlock, computation_mode, flatten, frozen_state, mak
 
 BACKENDS = ("auto", "func", "autograd")
 SMALL_BLOCK = 2  # with backend="auto", blocks of at most this many columns use the double backward
+# Columns per vmap / batched backward. Larger chunks fall out of cache: measured per probe at K=64,
+# as multiples of one gradient, unchunked → chunks of 16: CNN 2.97 → 1.34, ResNet 4.73 → 2.11, MLP 3.03 → 2.33.
+DEFAULT_CHUNK = 16
 MODES = ("eval", "train")
 
 
@@ -48,7 +51,7 @@ class HessianOperator:
     dtype: computation dtype; ``torch.float64`` evaluates the model in double precision (on a
         copy of the parameters). Products are always accumulated over batches in float64.
     chunk_size: at most this many probe columns are pushed through one vmap/batched backward at
-        once (bounds memory; ``None`` = all K at once).
+        once (default 16: faster and bounded memory; ``None`` = all K at once).
     check_determinism: evaluate the first batch twice and refuse the operator if the two losses
         differ (e.g. dropout in train mode): such an "H" is not a fixed matrix.
     reducer: for data-parallel use, an object whose ``sum_block(total, count)`` and
@@ -68,7 +71,7 @@ class HessianOperator:
         backend: str = "auto",
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-        chunk_size: int | None = None,
+        chunk_size: int | None = DEFAULT_CHUNK,
         check_determinism: bool = True,
         reducer=None,
     ):
