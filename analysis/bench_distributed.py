@@ -139,7 +139,7 @@ def main() -> None:
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: `nproc` = {os.cpu_count()}, {platform.machine()}, torch {torch.__version__}, gloo on CPU, "
         f"torch.set_num_threads(1) per process; 1-min load average at start {load:.1f}",
-        f"- command: `python analysis/bench_distributed.py`",
+        "- command: `python analysis/bench_distributed.py`",
         f"- problem: MLP 32→64→64→10 (dim = {dim}, P = {tensors} parameter tensors, float32), "
         f"{N_SAMPLES} synthetic samples in {N_SAMPLES // BATCH} batches of {BATCH}, dealt round-robin",
         "",
