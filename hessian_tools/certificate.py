@@ -52,18 +52,6 @@ def _bounded_ce(loss_max: float):
     return statistic
 
 
-def _check_delta(name: str, value) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}") from None
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
-    return value
-
-
 def _check_sigmas(sigmas) -> list[float]:
     try:
         grid = [float(s) for s in sigmas]
@@ -156,12 +144,7 @@ def pac_bayes_certificate(
     Raises ValueError for δ or δ_mc outside (0, 1) (δ_mc must be < δ), a σ ≤ 0, n < 8, an unknown
     loss, or a ``prior_state`` that does not fit the model (missing keys, other shapes).
     """
-    delta = _check_delta("delta", delta)
-    if delta_mc is None:
-        delta_mc = delta / 2.0
-    delta_mc = _check_delta("delta_mc", delta_mc)
-    if not delta_mc < delta:
-        raise ValueError(f"delta_mc must be < delta (delta = delta_bound + delta_mc), got {delta_mc!r} >= {delta!r}")
+    delta, _, delta_mc = pacbayes.split_delta(delta, delta_mc)
     grid = _check_sigmas(sigmas)
     if isinstance(n_mc, bool) or not isinstance(n_mc, int) or n_mc < 1:
         raise ValueError(f"n_mc must be a positive integer, got {n_mc!r}")

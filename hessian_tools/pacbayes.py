@@ -28,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "binary_kl",
+    "split_delta",
     "kl_inverse_upper",
     "kl_inverse_lower",
     "maurer_complexity",
@@ -538,6 +539,19 @@ def mc_risk_upper(mc_mean, m, delta_mc):
     return float(kl_inverse_upper(mc_mean, (math.log(2.0) - math.log(delta_mc)) / m))
 
 
+def split_delta(delta, delta_mc=None) -> tuple[float, float, float]:
+    """Split the total failure probability δ = δ_bound + δ_mc between the PAC-Bayes bound and the
+    Monte-Carlo estimate of the stochastic predictor's risk (a union bound); δ_mc defaults to δ/2
+    and must lie in (0, δ). Returns ``(delta, delta_bound, delta_mc)``."""
+    delta = _delta("delta", delta)
+    if delta_mc is None:
+        delta_mc = delta / 2.0
+    delta_mc = _delta("delta_mc", delta_mc)
+    if not delta_mc < delta:
+        raise ValueError(f"delta_mc must be < delta (delta = delta_bound + delta_mc), got {delta_mc!r} >= {delta!r}")
+    return delta, delta - delta_mc, delta_mc
+
+
 def certificate_bound(mc_mean, m, kl, n, delta, delta_mc=None, grid_size=1):
     """Full certificate on the true risk of the stochastic predictor Q, at total confidence 1 − δ.
 
@@ -560,13 +574,7 @@ def certificate_bound(mc_mean, m, kl, n, delta, delta_mc=None, grid_size=1):
     m = _count("m", m)
     kl = _kl("kl", kl)
     n = _n_maurer(n)
-    delta = _delta("delta", delta)
-    if delta_mc is None:
-        delta_mc = delta / 2.0
-    delta_mc = _delta("delta_mc", delta_mc)
-    if not delta_mc < delta:
-        raise ValueError(f"delta_mc must be < delta (delta = delta_bound + delta_mc), got {delta_mc!r} >= {delta!r}")
-    delta_bound = delta - delta_mc
+    delta, delta_bound, delta_mc = split_delta(delta, delta_mc)
     grid_cost = prior_grid_cost(grid_size)
     emp_upper = mc_risk_upper(mc_mean, m, delta_mc)
     kl_term = maurer_complexity(kl + grid_cost, n, delta_bound)
