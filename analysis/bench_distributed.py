@@ -162,8 +162,9 @@ def main() -> None:
         "(B = batches per rank); none with one process. Payload = size of the buffers passed to all_reduce "
         "(a ring all_reduce sends ≈ 2(W−1)/W of it per rank).",
         "",
-        "Timings are noisy: the machine's 2 cores are shared with other engineers' test runs while this "
-        "ran, and 4 processes on 2 cores oversubscribe them, so no speed-up is expected beyond 2 processes here.",
+        f"With {os.cpu_count()} cores, more processes than cores oversubscribe them, so no speed-up is expected "
+        "beyond that many processes" + (f"; the load average of {load:.1f} at the start means other work shared the "
+                                        "cores and the timings are noisy." if load > 1.5 else "."),
     ]
     text = "\n".join(lines) + "\n"
     out = ROOT / "figures" / "bench_distributed.md"
