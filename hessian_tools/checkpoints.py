@@ -11,7 +11,7 @@ import torch
 
 from .data import DataBundle, load_data
 from .errors import CheckpointError
-from .io import load_into_model, load_state_dict
+from .io import load_checkpoint_into, load_state_dict
 from .models import build_model, load_factory
 
 
@@ -56,7 +56,7 @@ def resolve(target: str, model_spec: str | None = None, data_spec: str | None = 
         spec = data_spec or meta["config"]["data"]
         bundle = load_data(spec)
         model = build_user_model(model_spec, bundle) if model_spec else build_run_model(meta)
-        load_into_model(model, load_state_dict(checkpoint), source=str(checkpoint))
+        load_checkpoint_into(model, checkpoint)
         prior_path = Path(prior) if prior else path / "init.pt"
         prior_state = load_state_dict(prior_path) if prior_path.is_file() or prior else None
         return LoadedCheckpoint(f"{path.name}/{checkpoint.name}", model.eval(), bundle, spec, prior_state, checkpoint)
@@ -65,8 +65,6 @@ def resolve(target: str, model_spec: str | None = None, data_spec: str | None = 
     if not model_spec or not data_spec:
         raise ValueError(f"{path} is a checkpoint file: say which model and data it belongs to with --model and --data")
     bundle = load_data(data_spec)
-    state = load_state_dict(path)
-    model = build_user_model(model_spec, bundle)
-    load_into_model(model, state, source=str(path))
+    model = load_checkpoint_into(build_user_model(model_spec, bundle), path)
     prior_state = load_state_dict(prior) if prior else None
     return LoadedCheckpoint(path.name, model.eval(), bundle, data_spec, prior_state, path)

@@ -111,11 +111,6 @@ def analysis_text(analysis: Mapping) -> str:
     return f"{a['name']}\n" + text_table(["quantity", "value", "error bar / notes", "HVPs", "seed"], analysis_rows(a))
 
 
-def analysis_markdown(analysis: Mapping) -> str:
-    a = as_dict(analysis)
-    return f"### {a['name']}\n\n" + markdown_table(["quantity", "value", "error bar / notes", "HVPs", "seed"], analysis_rows(a))
-
-
 # --------------------------------------------------------------------------- comparisons and curves
 def comparison_rows(comparison: Mapping) -> list[list[str]]:
     c = as_dict(comparison)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .data import DataBundle, batches, load_data
 from .errors import CheckpointError, NonFiniteError
-from .io import atomic_torch_save, atomic_write_json, load_into_model, load_state_dict, read_json
+from .io import atomic_torch_save, atomic_write_json, load_checkpoint_into, load_into_model, load_state_dict, read_json
 from .models import seeded_build
 
 __all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "METHODS", "BASES", "SCHEDULES"]
@@ -263,13 +263,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
 
     optimizer = _make_optimizer(config, model, noise_gen)
     if start > 0:
-        load_into_model(model, load_state_dict(_epoch_path(run_dir, start)), source=str(_epoch_path(run_dir, start)))
+        load_checkpoint_into(model, _epoch_path(run_dir, start))
         state = _load_state(_state_path(run_dir, start))
         optimizer.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_generator"])
         noise_gen.set_state(state["noise_generator"])
     elif old_meta is not None and (run_dir / "init.pt").is_file():
-        load_into_model(model, load_state_dict(run_dir / "init.pt"), source=str(run_dir / "init.pt"))
+        load_checkpoint_into(model, run_dir / "init.pt")
         head_reinit = bool(old_meta.get("head_reinitialised", False))
     elif old_meta is not None and config.init_checkpoint:
         head_reinit = _load_init_checkpoint(model, config)
@@ -402,5 +402,5 @@ def build_run_model(run: str | Path | Mapping[str, Any], checkpoint: str | Path 
         path = Path(checkpoint)
         if run_dir is not None and not path.is_absolute() and not path.exists():
             path = run_dir / path
-        load_into_model(model, load_state_dict(path), source=str(path))
+        load_checkpoint_into(model, path)
     return model.eval()

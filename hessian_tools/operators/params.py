@@ -108,12 +108,6 @@ def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def unflatten_block(flat: torch.Tensor, blocks: Sequence[ParameterBlock]) -> list[torch.Tensor]:
-    """Split a (dim, *batch) tensor into per-block views of shape (block.shape, *batch)."""
-    rest = tuple(flat.shape[1:])
-    return [flat[b.slice].reshape(*b.shape, *rest) for b in blocks]
-
-
 def frozen_state(model: nn.Module, selected, dtype: torch.dtype | None = None, copy: bool = False) -> dict[str, torch.Tensor]:
     """The parameters NOT in ``selected`` and all buffers, detached, as ``functional_call`` expects.
 
