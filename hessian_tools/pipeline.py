@@ -19,6 +19,7 @@ from .data import DataBundle, batches
 from .estimators import eigenvalues, trace
 from .operators import HessianOperator
 from .results import Z95, Result, TraceResult
+from .train import evaluate
 
 ANALYSES = ("trace", "eigs", "density", "stability", "bound")
 
@@ -90,13 +91,6 @@ class CheckpointAnalysis(Result):
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The batch-mean cross-entropy, the loss whose Hessian every command analyses."""
     return F.cross_entropy(outputs, targets)
-
-
-def evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy in eval mode (the mode is restored)."""
-    from .train import evaluate as _evaluate
-
-    return _evaluate(model, X, y, batch_size)
 
 
 def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: AnalysisSettings) -> HessianOperator:

@@ -245,32 +245,30 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------- option checks
+def _as_float(name: str, value: Any, phrase: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {phrase}, got {value!r}") from None
+
+
 def check_positive(name: str, value: Any) -> float:
     """``value`` as a float, or ValueError unless it is a finite number > 0."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
+    x = _as_float(name, value, "a number > 0")
     if not (x > 0 and x != float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return x
 
 
 def check_nonnegative(name: str, value: Any) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
+    x = _as_float(name, value, "a number >= 0")
     if not (x >= 0 and x != float("inf")):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return x
 
 
 def check_unit_interval(name: str, value: Any) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    x = _as_float(name, value, "a number in [0, 1]")
     if not 0.0 <= x <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return x
