@@ -95,7 +95,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, resume: 
                          "analysis": analysis, "curve": curve})
     results = {
         "kind": "demo",
-        "config": _config_dict(config),
+        "config": dataclasses.asdict(config),
         "pretrain": read_json(pretrain / "run.json")["epochs"][-1],
         "data": {"name": bundle.name, "n_train": int(bundle.train[1].numel()), "n_test": int(bundle.test[1].numel())},
         "runs": runs,
@@ -128,10 +128,6 @@ def _analyse_final(run_dir: Path, bundle, config: DemoConfig, name: str, say) ->
     model = build_run_model(run_dir, "final.pt")
     prior = load_state_dict(run_dir / "init.pt")
     return analyze_model(model, bundle, config.analysis, prior_state=prior, name=name)
-
-
-def _config_dict(config: DemoConfig) -> dict:
-    return dataclasses.asdict(config)
 
 
 def write_demo_report(results: dict, out_dir: str | Path) -> Path:
