@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import CheckpointError
-from .results import _to_jsonable
+from ..errors import CheckpointError
+from ..results import _to_jsonable
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

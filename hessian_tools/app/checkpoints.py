@@ -9,10 +9,10 @@ from typing import Mapping
 
 import torch
 
-from .data import DataBundle, load_data
-from .errors import CheckpointError
+from .zoo.data import DataBundle, load_data
+from ..errors import CheckpointError
 from .io import load_checkpoint_into, load_state_dict
-from .models import build_model, load_factory
+from .zoo.models import build_model, load_factory
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ def resolve(target: str, model_spec: str | None = None, data_spec: str | None = 
     override) or a checkpoint file (``--model`` and ``--data`` required; ``--prior`` optional)."""
     path = Path(target)
     if path.is_dir():
-        from .train import build_run_model, load_run
+        from .runs import build_run_model, load_run
 
         meta, checkpoints = load_run(path)
         checkpoint = path / epoch_file if (path / epoch_file).is_file() else (checkpoints[-1] if checkpoints else None)
