@@ -258,7 +258,7 @@ def test_end_to_end_certificate_non_vacuous_and_random_labels_worse(tmp_path):
     """Pre-train an MLP on digits 0–4, fine-tune it on 5–9 (850 samples); the certificate's prior is
     the fine-tune run's init.pt (pre-trained body + seeded fresh head), independent of those samples."""
     from hessian_tools.app.zoo.data import load_data
-    from hessian_tools.app.io import load_state_dict
+    from hessian_tools.app.checkpoints import load_state_dict
     from hessian_tools.app.runs import TrainConfig, build_run_model, train
 
     pre = train(TrainConfig(model="mlp", data="builtin:digits-pretrain", epochs=4, lr=0.05, batch_size=32), tmp_path / "pre")

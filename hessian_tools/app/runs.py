@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from .zoo.data import DataBundle, batches, load_data
 from ..errors import CheckpointError, NonFiniteError
-from .io import atomic_torch_save, atomic_write_json, load_checkpoint_into, load_into_model, load_state_dict, read_json
+from .checkpoints import load_checkpoint_into, load_into_model, load_state_dict
+from .io import atomic_torch_save, atomic_write_json, read_json
 from .zoo.models import seeded_build
 
 __all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "METHODS", "BASES", "SCHEDULES"]
