@@ -480,9 +480,7 @@ import bench_peers as B, peers
 settings = B.QUICK if {quick} else B.FULL
 spec = settings.models["cnn"]
 problem = B.build_problem("cnn", spec, scale={scale}, train=False)
-def status_mb(field):  # VmRSS: now; VmHWM: this process image's peak (ru_maxrss would include the parent's, kept across exec)
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 1024
+status_mb = B.status_mb
 base = status_mb("VmRSS")
 cls = {{"ours": lambda p: peers.Ours(p), "ours (autograd)": lambda p: peers.Ours(p, backend="autograd"),
         "PyHessian": peers.PyHessian, "curvlinops": peers.Curvlinops, "hessian-eigenthings": peers.Eigenthings}}[{tool!r}]
@@ -494,6 +492,14 @@ seconds = time.perf_counter() - start
 peak = status_mb("VmHWM")
 print(json.dumps({{"base_mb": base, "peak_mb": peak, "growth_mb": peak - base, "samples": problem.num_samples, "seconds": seconds}}))
 """
+
+
+def status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory field of ``/proc/PID/status`` in MB: ``VmRSS`` (resident now) or ``VmHWM`` (the
+    process image's peak resident set). ``ru_maxrss`` is not used: Linux carries the parent's
+    high-water mark across ``exec``, so a child started from a large process would report that."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 1024
 
 
 def run_memory(settings: Settings, results: dict, quick: bool, threads: int):

@@ -1,12 +1,27 @@
 """Shared fixtures: small models whose exact Hessian is computed independently by torch.func.hessian."""
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
+
+ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
+
+
+def import_analysis_script(name: str):
+    """Import analysis/NAME.py (a benchmark script, which imports its sibling modules by name)."""
+    sys.path.insert(0, str(ANALYSIS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ANALYSIS))
 
 
 def exact_hessian(model: nn.Module, loss_fn, X, y, names=None) -> torch.Tensor:

@@ -3,23 +3,16 @@ section, and the report written with the expected tables and columns."""
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
+from conftest import import_analysis_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ANALYSIS))
-    try:
-        import bench_peers
-    finally:
-        sys.path.remove(str(ANALYSIS))
-    return bench_peers
+    return import_analysis_script("bench_peers")
 
 
 def test_quick_run_writes_the_report(bench, tmp_path):

@@ -12,6 +12,8 @@ Data specs (:func:`load_data`):
 * ``builtin:digits-finetune`` — digits 5–9 relabelled 0–4, ``per_class`` training samples per class
   and every other sample as test (:func:`digits_finetune`);
 * ``builtin:synthetic`` — :func:`synthetic_classification`;
+* :func:`synthetic_text` (no spec: its inputs are dicts, see :class:`TextData`) — seeded token
+  sequences with padding masks for the transformer classifier of :mod:`.transformer`;
 * options as a query string: ``builtin:digits-finetune?per_class=20&seed=1``;
 * ``module:function`` (or ``path/file.py:function``) — ``function()`` returns a :class:`DataBundle`
   or a dict ``{"train": (X, y), "test": (X, y), "num_classes": int}``.
@@ -37,6 +39,8 @@ __all__ = [
     "digits_pretrain",
     "digits_finetune",
     "synthetic_classification",
+    "synthetic_text",
+    "TextData",
     "load_data",
     "batches",
     "BUILTIN_DATA",
@@ -238,19 +242,69 @@ def load_data(spec: str) -> DataBundle:
     raise DataError(f"data loader {spec} returned {type(out).__name__}; return a DataBundle or a dict with train, test, num_classes")
 
 
-def batches(X: torch.Tensor, y: torch.Tensor, batch_size: int,
-            generator: torch.Generator | None = None) -> list[Split]:
+def batches(X: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor, batch_size: int,
+            generator: torch.Generator | None = None) -> list[tuple[Any, torch.Tensor]]:
     """Split (X, y) into consecutive mini-batches of ``batch_size``; the last, smaller batch is kept.
 
-    With a ``generator`` the samples are shuffled first (``torch.randperm(..., generator=generator)``).
+    ``X`` is a tensor, or a dict of tensors sharing the leading (sample) dimension — model inputs
+    passed as keyword arguments, as ``{"input_ids": ..., "attention_mask": ...}`` — and every batch
+    then holds a dict of the same keys. With a ``generator`` the samples are shuffled first
+    (``torch.randperm(..., generator=generator)``).
     """
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if X.shape[0] != y.shape[0]:
-        raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}")
-    n = X.shape[0]
+    n = y.shape[0]
+    columns = X if isinstance(X, dict) else {None: X}
+    for key, column in columns.items():
+        if column.shape[0] != n:
+            raise ValueError(f"X{'' if key is None else f'[{key!r}]'} has {column.shape[0]} samples but y has {n}")
     if generator is not None:
         perm = torch.randperm(n, generator=generator)
-        X, y = X[perm], y[perm]
+        columns, y = {k: v[perm] for k, v in columns.items()}, y[perm]
     b = int(batch_size)
-    return [(X[i:i + b], y[i:i + b]) for i in range(0, n, b)]
+
+    def rows(start: int):
+        piece = {k: v[start:start + b] for k, v in columns.items()}
+        return piece if isinstance(X, dict) else piece[None]
+
+    return [(rows(i), y[i:i + b]) for i in range(0, n, b)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextData:
+    """Token sequences padded to one length: ``input_ids`` and ``attention_mask`` (N, L) int64,
+    ``labels`` (N,) int64 in [0, num_classes). Padding is token 0 with mask 0."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for all N samples."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> list[tuple[dict, torch.Tensor]]:
+        """``[({"input_ids": ..., "attention_mask": ...}, labels), ...]``, see :func:`batches`."""
+        return batches(self.inputs, self.labels, batch_size, generator)
+
+
+def synthetic_text(n: int = 256, vocab_size: int = 2000, min_len: int = 8, max_len: int = 64, num_classes: int = 2,
+                   seed: int = 0) -> TextData:
+    """Seeded random token sequences with a rule a bag-of-words model can learn.
+
+    Lengths are uniform in [min_len, max_len]; tokens uniform in [1, vocab_size) (0 is padding).
+    Token t belongs to group t mod num_classes, and a sequence's label is the group with the most
+    tokens in it (ties go to the lowest group), so mean-pooled token embeddings determine it.
+    """
+    if not (2 <= num_classes < vocab_size and 1 <= min_len <= max_len and n >= 1):
+        raise DataError(f"synthetic text: need 2 ≤ num_classes < vocab_size, 1 ≤ min_len ≤ max_len, n ≥ 1; got n={n}, "
+                        f"vocab_size={vocab_size}, min_len={min_len}, max_len={max_len}, num_classes={num_classes}")
+    gen = torch.Generator().manual_seed(int(seed))
+    lengths = torch.randint(int(min_len), int(max_len) + 1, (int(n),), generator=gen)
+    mask = (torch.arange(int(max_len))[None, :] < lengths[:, None]).to(torch.int64)
+    ids = torch.randint(1, int(vocab_size), (int(n), int(max_len)), generator=gen) * mask
+    groups = torch.nn.functional.one_hot(ids % num_classes, num_classes) * mask[..., None]
+    labels = groups.sum(1).argmax(1)  # argmax returns the first maximum: ties go to the lowest group
+    return TextData(ids, mask, labels, int(num_classes))

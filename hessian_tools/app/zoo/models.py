@@ -1,14 +1,18 @@
-"""Small models for 8×8 images (and flat feature vectors), plus a registry and a factory loader.
+"""Small models for 8×8 images (and flat feature vectors), a torchvision-layout ResNet-18, plus a
+registry and a factory loader.
 
-Every model names its final linear layer ``head``, so a fine-tuning run can re-initialise exactly
-the ``head.*`` entries of a pre-trained state_dict.
+Every small model names its final linear layer ``head``, so a fine-tuning run can re-initialise
+exactly the ``head.*`` entries of a pre-trained state_dict. ``ResNet18`` keeps torchvision's names
+(its classifier is ``fc``) so that checkpoints of ``torchvision.models.resnet18`` load into it.
 
 Default sizes for 1×8×8 inputs and 10 classes:
 
 * ``MLP()``          — 64 → 64 → 10, 4,810 parameters;
 * ``SmallCNN()``     — conv(1→8)·pool·conv(8→16)·pool → 64 features → head, 1,898 parameters;
 * ``SmallResNet()``  — stem conv(1→8) + 2 BasicBlocks (8 ch at 8×8, 16 ch at 4×4) + global
-  average pool + head, 5,122 parameters (BatchNorm running statistics are buffers, not parameters).
+  average pool + head, 5,122 parameters (BatchNorm running statistics are buffers, not parameters);
+* ``ResNet18()``     — torchvision's ResNet-18 for 3×224×224 (any size ≥ 32 works), 11,689,512
+  parameters for 1,000 classes; ``cifar_stem=True`` for 32×32 images.
 
 Models are built with PyTorch's default initialisation, which draws from the global RNG; callers
 that need reproducibility without touching the global RNG wrap construction in
@@ -35,6 +39,7 @@ __all__ = [
     "SmallCNN",
     "SmallResNet",
     "BasicBlock",
+    "ResNet18",
     "ModelSpecError",
     "MODELS",
     "build_model",
@@ -105,23 +110,30 @@ class SmallCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv3×3·BN·ReLU·conv3×3·BN + skip, then ReLU; 1×1 conv + BN on the skip when the shape changes."""
+    """conv3×3·BN·ReLU·conv3×3·BN + skip, then ReLU; 1×1 conv + BN on the skip when the shape changes.
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    The projection is stored as ``shortcut`` (this zoo's small ResNet) or, with
+    ``skip_name="downsample"``, under torchvision's name (``downsample.0``/``downsample.1``); an
+    identity skip adds no state_dict entries either way.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, skip_name: str = "shortcut"):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            skip: nn.Module = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
         else:
-            self.shortcut = nn.Identity()
+            skip = nn.Identity()
+        self.skip_name = skip_name
+        setattr(self, skip_name, skip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
+        return torch.relu(out + getattr(self, self.skip_name)(x))
 
 
 class SmallResNet(nn.Module):
@@ -155,6 +167,55 @@ class SmallResNet(nn.Module):
         return self.head(self.pool(out).flatten(1))
 
 
+class ResNet18(nn.Module):
+    """ResNet-18 (He, Zhang, Ren, Sun 2016, "Deep residual learning for image recognition") with
+    torchvision's module layout, so its ``state_dict`` keys and shapes are those of
+    ``torchvision.models.resnet18``: ``conv1``, ``bn1``, ``layer1.0.conv1`` … ``layer4.1.bn2``,
+    ``layerN.0.downsample.0/1`` (N = 2, 3, 4) and the classifier ``fc`` (not ``head``).
+
+    62 parameter tensors and 20 BatchNorm layers (60 buffers), 122 state_dict entries;
+    11,689,512 parameters for 1,000 classes, 11,181,642 for 10.
+
+    ``cifar_stem=True`` is the variant commonly trained on 32×32 images: a 3×3 stride-1 ``conv1``
+    and no max-pool (11,173,962 parameters for 10 classes; 16× the activations of the standard
+    stem on the same input). Initialisation as torchvision's: Kaiming-normal (fan-out) convolutions,
+    BatchNorm weight 1 and bias 0, PyTorch's default for ``fc``.
+    """
+
+    widths = (64, 128, 256, 512)
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, cifar_stem: bool = False):
+        super().__init__()
+        _check_positive(num_classes=num_classes, in_channels=in_channels)
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(int(in_channels), 64, 3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(int(in_channels), 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, cout in enumerate(self.widths):
+            stride = 1 if i == 0 else 2
+            stage = nn.Sequential(BasicBlock(cin, cout, stride, skip_name="downsample"),
+                                  BasicBlock(cout, cout, 1, skip_name="downsample"))
+            self.add_module(f"layer{i + 1}", stage)
+            cin = cout
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, int(num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.maxpool(torch.relu(self.bn1(self.conv1(_as_image(x)))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(self.avgpool(out).flatten(1))
+
+
 def _as_image(x: torch.Tensor) -> torch.Tensor:
     """Accept (N, C, H, W), or (N, 64) flat digits (reshaped to N×1×8×8)."""
     if x.ndim == 4:
@@ -171,7 +232,7 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "resnet": SmallResNet}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "resnet": SmallResNet, "resnet18": ResNet18}
 
 
 def build_model(name: str, num_classes: int, input_shape: Sequence[int] | None = None, **kw) -> nn.Module:
