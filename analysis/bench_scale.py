@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 import hessian_tools as ht  # noqa: E402
 from hessian_tools.app.zoo.data import batches as make_batches  # noqa: E402
 from hessian_tools.app.zoo.models import count_parameters, load_factory  # noqa: E402
+from hessian_tools.operators.empirical_risk import call_model, model_output  # noqa: E402
 
 import scale_models as SM  # noqa: E402
 from bench_peers import fmt, log, machine_info, md_table, status_mb  # noqa: E402
@@ -150,7 +151,7 @@ def build_model(case: Case, checkpoint: str | None = None) -> torch.nn.Module:
 
 
 def logits(model, inputs) -> torch.Tensor:
-    return SM.logits_of(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+    return model_output(call_model(model, inputs))
 
 
 def write_checkpoint(case: Case, path: Path) -> dict:

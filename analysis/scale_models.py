@@ -22,6 +22,7 @@ from torch import nn
 from hessian_tools.app.zoo.data import TextData, synthetic_text
 from hessian_tools.app.zoo.models import ResNet18, SmallResNet
 from hessian_tools.app.zoo.transformer import TextClassifier
+from hessian_tools.operators.empirical_risk import call_model, model_output
 
 IMAGE_SHAPE = (3, 32, 32)
 TEXT = {"full": dict(n=64, vocab_size=2000, min_len=8, max_len=32, num_classes=2, seed=0),
@@ -83,15 +84,6 @@ def text_batches_tiny() -> list[tuple[dict, torch.Tensor]]:
     return text_data("tiny").batches(TEXT_BATCH["tiny"])
 
 
-def logits_of(output) -> torch.Tensor:
-    """A model's logits: the output itself, ``output["logits"]`` or ``output.logits``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        return output["logits"]
-    return output.logits
-
-
 class KeywordInputs(nn.Module):
     """``wrapper(inputs)`` = the logits of ``model(**inputs)`` (dict inputs as keyword arguments)."""
 
@@ -100,7 +92,7 @@ class KeywordInputs(nn.Module):
         self.model = model
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        return logits_of(self.model(**inputs))
+        return model_output(call_model(self.model, inputs))
 
 
 class PackedTextInputs(nn.Module):
@@ -116,4 +108,4 @@ class PackedTextInputs(nn.Module):
         return torch.stack([inputs["input_ids"], inputs["attention_mask"]], dim=1)
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(input_ids=packed[:, 0], attention_mask=packed[:, 1]))
+        return model_output(self.model(input_ids=packed[:, 0], attention_mask=packed[:, 1]))
