@@ -14,6 +14,7 @@ ResNet-18). :class:`KeywordInputs` and
 :class:`PackedTextInputs` adapt the dict-input transformer to code that calls ``model(inputs)``
 with one argument and needs a tensor out (PyHessian).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,10 +26,14 @@ from hessian_tools.app.zoo.transformer import TextClassifier
 from hessian_tools.operators.empirical_risk import call_model, model_output
 
 IMAGE_SHAPE = (3, 32, 32)
-TEXT = {"full": dict(n=64, vocab_size=2000, min_len=8, max_len=32, num_classes=2, seed=0),
-        "tiny": dict(n=12, vocab_size=100, min_len=3, max_len=10, num_classes=2, seed=0)}
-TEXT_MODEL = {"full": dict(vocab_size=2000, max_len=32),
-              "tiny": dict(vocab_size=100, max_len=10, d_model=16, num_heads=2, dim_feedforward=32)}
+TEXT = {
+    "full": dict(n=64, vocab_size=2000, min_len=8, max_len=32, num_classes=2, seed=0),
+    "tiny": dict(n=12, vocab_size=100, min_len=3, max_len=10, num_classes=2, seed=0),
+}
+TEXT_MODEL = {
+    "full": dict(vocab_size=2000, max_len=32),
+    "tiny": dict(vocab_size=100, max_len=10, d_model=16, num_heads=2, dim_feedforward=32),
+}
 TEXT_BATCH = {"full": 24, "tiny": 5}  # uneven last batches: 24+24+16 and 5+5+2
 
 
@@ -41,7 +46,7 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
 
 
 def resnet_tiny(num_classes: int = 10) -> nn.Module:
-    """The ``--quick`` stand-in for ResNet-18: the zoo's small ResNet (BatchNorm, skips) on 3-channel images."""
+    """The ``--quick`` stand-in for ResNet-18: the zoo's small ResNet (BatchNorm, skips), 3 channels."""
     return SmallResNet(num_classes=num_classes, width=4, in_channels=3)
 
 
@@ -55,8 +60,12 @@ def _images(n: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Te
 def cifar_images(n_train: int = 128, n_test: int = 64, num_classes: int = 10, seed: int = 0) -> dict:
     """``{"train": (X, y), "test": (X, y), "num_classes": 10}`` with the same class means in both splits."""
     X, y = _images(n_train + n_test, num_classes, seed)
-    return {"train": (X[:n_train], y[:n_train]), "test": (X[n_train:], y[n_train:]), "num_classes": num_classes,
-            "name": f"cifar-shaped synthetic ({n_train} images)"}
+    return {
+        "train": (X[:n_train], y[:n_train]),
+        "test": (X[n_train:], y[n_train:]),
+        "num_classes": num_classes,
+        "name": f"cifar-shaped synthetic ({n_train} images)",
+    }
 
 
 def cifar_images_tiny() -> dict:

@@ -1,5 +1,6 @@
 """Smoke test of analysis/bench_scale.py: the --quick settings on the tiny transformer (dict inputs),
 every kind of measurement in a fresh process, the end-to-end command, and the report."""
+
 from __future__ import annotations
 
 import json

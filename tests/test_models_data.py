@@ -343,7 +343,8 @@ def test_resnet18_state_dict_has_torchvision_names_and_shapes():
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == expected
     assert len(expected) == 122 and len(list(model.parameters())) == 62
-    assert sum(1 for k in expected if k.endswith(("running_mean", "running_var", "num_batches_tracked"))) == 60
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    assert sum(1 for k in expected if k.endswith(buffers)) == 60
     assert count_parameters(model) == 11_689_512  # torchvision's published count for resnet18
     assert count_parameters(ResNet18(num_classes=10)) == 11_181_642
     assert [n for n, _ in model.named_parameters()][:3] == ["conv1.weight", "bn1.weight", "bn1.bias"]
@@ -354,7 +355,8 @@ def test_resnet18_forward_on_cifar_shaped_images_for_both_stems():
     standard, cifar = ResNet18(num_classes=10).eval(), ResNet18(num_classes=10, cifar_stem=True).eval()
     assert standard(x).shape == (2, 10) and cifar(x).shape == (2, 10)
     assert standard.conv1.kernel_size == (7, 7) and isinstance(standard.maxpool, torch.nn.MaxPool2d)
-    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool, torch.nn.Identity)
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert isinstance(cifar.maxpool, torch.nn.Identity)
     assert count_parameters(cifar) == 11_173_962  # 64·3·(9 − 49) fewer than the standard stem
     assert set(cifar.state_dict()) == set(standard.state_dict())
 
@@ -366,17 +368,19 @@ def test_build_model_makes_resnet18_for_the_data_shape():
 
 # ----------------------------------------------------------------------------- text data with dict inputs
 def test_synthetic_text_is_seeded_padded_and_labelled_by_its_rule():
-    a, b = synthetic_text(40, vocab_size=30, min_len=3, max_len=9, num_classes=3, seed=1), synthetic_text(40, 30, 3, 9, 3, seed=1)
+    a = synthetic_text(40, vocab_size=30, min_len=3, max_len=9, num_classes=3, seed=1)
+    b = synthetic_text(40, 30, 3, 9, 3, seed=1)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.input_ids, synthetic_text(40, 30, 3, 9, 3, seed=2).input_ids)
     lengths = a.attention_mask.sum(1)
     assert a.input_ids.shape == (40, 9) and 3 <= int(lengths.min()) and int(lengths.max()) <= 9
     assert len(set(lengths.tolist())) > 2  # lengths vary
     assert torch.equal(a.attention_mask, (torch.arange(9)[None] < lengths[:, None]).long())  # right padding
-    assert bool((a.input_ids[a.attention_mask == 0] == 0).all()) and bool((a.input_ids[a.attention_mask == 1] > 0).all())
+    assert bool((a.input_ids[a.attention_mask == 0] == 0).all())
+    assert bool((a.input_ids[a.attention_mask == 1] > 0).all())
     for ids, n, label in zip(a.input_ids, lengths, a.labels):
         counts = torch.bincount(ids[:n] % 3, minlength=3)
-        assert int(label) == int(torch.nonzero(counts == counts.max())[0])  # the biggest group, ties to the lowest
+        assert int(label) == int(torch.nonzero(counts == counts.max())[0])  # biggest group, ties to the lowest
     assert len(set(a.labels.tolist())) == 3
     with pytest.raises(DataError, match="synthetic text"):
         synthetic_text(10, vocab_size=2, num_classes=2)
@@ -386,7 +390,8 @@ def test_batches_of_dict_inputs_keep_the_keys_and_the_uneven_last_batch():
     data = synthetic_text(11, vocab_size=20, min_len=2, max_len=5)
     parts = data.batches(4)
     assert [int(y.shape[0]) for _, y in parts] == [4, 4, 3]
-    assert all(set(x) == {"input_ids", "attention_mask"} and x["input_ids"].shape == (int(y.shape[0]), 5) for x, y in parts)
+    for x, y in parts:
+        assert set(x) == {"input_ids", "attention_mask"} and x["input_ids"].shape == (int(y.shape[0]), 5)
     assert torch.equal(torch.cat([x["input_ids"] for x, _ in parts]), data.input_ids)
     shuffled = data.batches(4, generator=torch.Generator().manual_seed(0))
     ids, labels = torch.cat([x["input_ids"] for x, _ in shuffled]), torch.cat([y for _, y in shuffled])

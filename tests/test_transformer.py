@@ -1,5 +1,6 @@
 """The zoo's transformer text classifier: Hugging Face-style keyword inputs and outputs, padding that
 changes nothing, determinism by default, and an exact Hessian through the operator."""
+
 from __future__ import annotations
 
 import pytest
@@ -70,12 +71,21 @@ def test_hessian_of_attention_weights_matches_torch_func_hessian(backend):
     data = synthetic_text(7, vocab_size=13, min_len=2, max_len=6, seed=3)
     parts = data.batches(3)  # uneven: 3 + 3 + 1
     name = "encoder.layers.0.self_attn.in_proj_weight"  # queries, keys and values: 3·8·8 = 192 parameters
-    op = ht.HessianOperator(_Keywords(model), F.cross_entropy, parts, params=[f"model.{name}"], backend=backend,
-                            dtype=torch.float64)
+    op = ht.HessianOperator(
+        _Keywords(model),
+        F.cross_entropy,
+        parts,
+        params=[f"model.{name}"],
+        backend=backend,
+        dtype=torch.float64,
+    )
     weight = dict(model.named_parameters())[name].detach()
 
     def mean_loss(w):
-        total = sum(F.cross_entropy(functional_call(model, {name: w}, kwargs=x).logits, y) * y.shape[0] for x, y in parts)
+        total = sum(
+            F.cross_entropy(functional_call(model, {name: w}, kwargs=x).logits, y) * y.shape[0]
+            for x, y in parts
+        )
         return total / data.labels.shape[0]
 
     exact = hessian(mean_loss)(weight).reshape(weight.numel(), weight.numel()).detach()

@@ -257,7 +257,8 @@ def batches(X: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor, batch_si
     columns = X if isinstance(X, dict) else {None: X}
     for key, column in columns.items():
         if column.shape[0] != n:
-            raise ValueError(f"X{'' if key is None else f'[{key!r}]'} has {column.shape[0]} samples but y has {n}")
+            where = "" if key is None else f"[{key!r}]"
+            raise ValueError(f"X{where} has {column.shape[0]} samples but y has {n}")
     if generator is not None:
         perm = torch.randperm(n, generator=generator)
         columns, y = {k: v[perm] for k, v in columns.items()}, y[perm]
@@ -285,13 +286,14 @@ class TextData:
         """The model's keyword arguments for all N samples."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> list[tuple[dict, torch.Tensor]]:
+    def batches(self, batch_size: int,
+                generator: torch.Generator | None = None) -> list[tuple[dict, torch.Tensor]]:
         """``[({"input_ids": ..., "attention_mask": ...}, labels), ...]``, see :func:`batches`."""
         return batches(self.inputs, self.labels, batch_size, generator)
 
 
-def synthetic_text(n: int = 256, vocab_size: int = 2000, min_len: int = 8, max_len: int = 64, num_classes: int = 2,
-                   seed: int = 0) -> TextData:
+def synthetic_text(n: int = 256, vocab_size: int = 2000, min_len: int = 8, max_len: int = 64,
+                   num_classes: int = 2, seed: int = 0) -> TextData:
     """Seeded random token sequences with a rule a bag-of-words model can learn.
 
     Lengths are uniform in [min_len, max_len]; tokens uniform in [1, vocab_size) (0 is padding).
@@ -299,8 +301,9 @@ def synthetic_text(n: int = 256, vocab_size: int = 2000, min_len: int = 8, max_l
     tokens in it (ties go to the lowest group), so mean-pooled token embeddings determine it.
     """
     if not (2 <= num_classes < vocab_size and 1 <= min_len <= max_len and n >= 1):
-        raise DataError(f"synthetic text: need 2 ≤ num_classes < vocab_size, 1 ≤ min_len ≤ max_len, n ≥ 1; got n={n}, "
-                        f"vocab_size={vocab_size}, min_len={min_len}, max_len={max_len}, num_classes={num_classes}")
+        raise DataError(f"synthetic text: need 2 ≤ num_classes < vocab_size, 1 ≤ min_len ≤ max_len, n ≥ 1; "
+                        f"got n={n}, vocab_size={vocab_size}, min_len={min_len}, max_len={max_len}, "
+                        f"num_classes={num_classes}")
     gen = torch.Generator().manual_seed(int(seed))
     lengths = torch.randint(int(min_len), int(max_len) + 1, (int(n),), generator=gen)
     mask = (torch.arange(int(max_len))[None, :] < lengths[:, None]).to(torch.int64)

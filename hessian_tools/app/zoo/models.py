@@ -125,7 +125,8 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         if stride != 1 or cin != cout:
-            skip: nn.Module = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            skip: nn.Module = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(cout))
         else:
             skip = nn.Identity()
         self.skip_name = skip_name
@@ -232,7 +233,8 @@ def _check_positive(**values) -> None:
         check_integer(name, value)
 
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "resnet": SmallResNet, "resnet18": ResNet18}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "resnet": SmallResNet,
+                                      "resnet18": ResNet18}
 
 
 def build_model(name: str, num_classes: int, input_shape: Sequence[int] | None = None, **kw) -> nn.Module:

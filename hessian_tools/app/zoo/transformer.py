@@ -15,6 +15,7 @@ Attention runs on PyTorch's math kernel of ``scaled_dot_product_attention``: the
 (flash attention) has neither a second derivative nor a forward-mode one, which every
 Hessian-vector product needs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,12 +41,27 @@ class TextClassifier(nn.Module):
     nor pooled, so their token ids do not change the output.
     """
 
-    def __init__(self, num_classes: int = 2, vocab_size: int = 2000, max_len: int = 64, d_model: int = 128,
-                 num_heads: int = 4, num_layers: int = 2, dim_feedforward: int = 512, dropout: float = 0.0):
+    def __init__(
+        self,
+        num_classes: int = 2,
+        vocab_size: int = 2000,
+        max_len: int = 64,
+        d_model: int = 128,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        dim_feedforward: int = 512,
+        dropout: float = 0.0,
+    ):
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("vocab_size", vocab_size), ("max_len", max_len),
-                            ("d_model", d_model), ("num_heads", num_heads), ("num_layers", num_layers),
-                            ("dim_feedforward", dim_feedforward)):
+        for name, value in (
+            ("num_classes", num_classes),
+            ("vocab_size", vocab_size),
+            ("max_len", max_len),
+            ("d_model", d_model),
+            ("num_heads", num_heads),
+            ("num_layers", num_layers),
+            ("dim_feedforward", dim_feedforward),
+        ):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if d_model % num_heads:
@@ -53,13 +69,22 @@ class TextClassifier(nn.Module):
         self.max_len = int(max_len)
         self.token_embedding = nn.Embedding(int(vocab_size), int(d_model))
         self.position_embedding = nn.Embedding(self.max_len, int(d_model))
-        layer = nn.TransformerEncoderLayer(int(d_model), int(num_heads), int(dim_feedforward), dropout=float(dropout),
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            int(d_model),
+            int(num_heads),
+            int(dim_feedforward),
+            dropout=float(dropout),
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, int(num_layers), enable_nested_tensor=False)
         self.norm = nn.LayerNorm(int(d_model))
         self.head = nn.Linear(int(d_model), int(num_classes))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ClassifierOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> ClassifierOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
