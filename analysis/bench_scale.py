@@ -467,7 +467,9 @@ def run_cli(case: Case, checkpoint: str, workdir: Path, threads: int, timeout_s:
     stderr_path = workdir / f"cli-{Path(checkpoint).stem}.stderr"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = {
-        "command": "hessian-tools " + " ".join(args),
+        # the checkpoint and JSON live in a temporary folder: the command is shown with their file names
+        "command": "hessian-tools "
+        + " ".join(Path(a).name if a in (checkpoint, str(json_out)) else a for a in args),
         "load": os.getloadavg()[0],
         "timeout_s": timeout_s,
         "stages": [],
