@@ -9,12 +9,13 @@ from torch.func import functional_call
 
 from hessian_tools import HessianOperator
 from hessian_tools.bounds import pacbayes
-from hessian_tools.bounds.certificate import default_loss_max, hessian_measures, pac_bayes_certificate
+from hessian_tools.bounds.certificate import default_loss_max, pac_bayes_certificate
+from hessian_tools.bounds.measures import hessian_measures
 from hessian_tools.app.zoo.data import synthetic_classification
 from hessian_tools.results import BlockTrace, CertificateResult, HessianMeasuresResult, TraceResult
 from hessian_tools.estimators.probes import gaussian_rows
 
-from conftest import PROBLEMS, batches
+from helpers import PROBLEMS, batches
 
 GRID = (0.02, 0.05, 0.1, 0.2, 0.5)
 

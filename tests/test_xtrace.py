@@ -13,7 +13,7 @@ from hessian_tools.operators.adapters import DenseOperator
 from hessian_tools.operators.hessian import HessianOperator
 from hessian_tools.operators.params import ParameterBlock
 
-from conftest import PROBLEMS, known_spectrum
+from helpers import PROBLEMS, known_spectrum
 
 
 @pytest.fixture(scope="module")
