@@ -6,14 +6,18 @@ Data flows one way: checkpoint → :class:`HessianOperator` → estimator → re
 >>> op = ht.HessianOperator(model, loss_fn, data)        # doctest: +SKIP
 >>> ht.trace(op, rtol=0.01)                              # doctest: +SKIP
 """
-from .estimators import density, eigenvalues, hutchinson, hutchpp, quadratic_form, quadratic_forms, trace, xtrace
+from .estimators import (
+    density, diagonal, diagpp, eigenvalues, hutchinson, hutchinson_diagonal, hutchpp, quadratic_form, quadratic_forms,
+    trace, xdiag, xtrace,
+)
 from .operators import DenseOperator, HessianOperator, ParameterBlock, as_operator, to_scipy
-from .results import DensityResult, EigenResult, QuadratureResult, Result, TraceResult
+from .results import DensityResult, DiagonalResult, EigenResult, QuadratureResult, Result, TraceResult
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DenseOperator", "DensityResult", "EigenResult", "HessianOperator", "ParameterBlock", "QuadratureResult",
-    "Result", "TraceResult", "as_operator", "density", "eigenvalues", "hutchinson", "hutchpp", "quadratic_form",
-    "quadratic_forms", "to_scipy", "trace", "xtrace",
+    "DenseOperator", "DensityResult", "DiagonalResult", "EigenResult", "HessianOperator", "ParameterBlock",
+    "QuadratureResult", "Result", "TraceResult", "as_operator", "density", "diagonal", "diagpp", "eigenvalues",
+    "hutchinson", "hutchinson_diagonal", "hutchpp", "quadratic_form", "quadratic_forms", "to_scipy", "trace",
+    "xdiag", "xtrace",
 ]
