@@ -212,7 +212,8 @@ class DiagonalResult(Result):
     stderr: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_dict(self, arrays: bool | None = None) -> dict:
-        """JSON-ready dict; ``arrays`` None: include the per-coordinate arrays iff dim ≤ max_serialised_dim."""
+        """JSON-ready dict; with ``arrays`` None the per-coordinate arrays are included iff
+        dim ≤ max_serialised_dim."""
         include = self.dim <= self.max_serialised_dim if arrays is None else arrays
         # drop the arrays before conversion: turning 10⁷ floats into a list only to discard it is slow
         return Result.to_dict(self if include else dataclasses.replace(self, estimate=None, stderr=None))

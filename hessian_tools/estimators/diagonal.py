@@ -34,7 +34,7 @@ mean and variance are accumulated on the fly, so memory is O(dim · block_size),
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -118,8 +118,9 @@ def diagonal_result(moments: CoordinateMoments, H: CountingOperator, method: str
         offsets = block_sums(exact[:, None], moments.index, len(moments.blocks))[:, 0]
     sums = [mean_and_stderr(row) for row in block_samples]
     trace, trace_stderr = mean_and_stderr(block_samples.sum(0))
-    return _result(H, moments.blocks, estimate, stderr, [(float(o) + m, se) for o, (m, se) in zip(offsets, sums)],
-                   (float(offsets.sum()) + trace, trace_stderr), method, seed, moments.count, sketch)
+    sums = [(float(offset) + mean, se) for offset, (mean, se) in zip(offsets, sums)]
+    return _result(H, moments.blocks, estimate, stderr, sums, (float(offsets.sum()) + trace, trace_stderr),
+                   method, seed, moments.count, sketch)
 
 
 def exact_diagonal(H: CountingOperator, method: str, seed) -> DiagonalResult:
@@ -132,7 +133,8 @@ def exact_diagonal(H: CountingOperator, method: str, seed) -> DiagonalResult:
         diag[start:stop] = torch.diagonal(H.matmat(E)[start:stop])
     blocks = tuple(H.blocks) if H.blocks else (ParameterBlock("all", 0, H.dim, (H.dim,)),)
     sums = [(float(diag[b.start : b.stop].sum()), 0.0) for b in blocks]
-    return _result(H, blocks, diag, torch.zeros_like(diag), sums, (float(diag.sum()), 0.0), method, seed, 0, H.dim)
+    return _result(H, blocks, diag, torch.zeros_like(diag), sums, (float(diag.sum()), 0.0), method, seed,
+                   n_probes=0, sketch=H.dim)
 
 
 def _result(H, blocks, estimate, stderr, sums, trace, method, seed, n_probes, sketch) -> DiagonalResult:
@@ -152,7 +154,8 @@ def _result(H, blocks, estimate, stderr, sums, trace, method, seed, n_probes, sk
     )
 
 
-def hutchinson_diagonal(op, *, max_matvecs: int = 100, block_size: int = 16, seed: int | None = 0) -> DiagonalResult:
+def hutchinson_diagonal(op, *, max_matvecs: int = 100, block_size: int = 16,
+                        seed: int | None = 0) -> DiagonalResult:
     """Estimate diag(H) by Hutchinson's diagonal estimator with ``max_matvecs`` Rademacher probes
     (see the module docstring)."""
     check_positive_int("max_matvecs", max_matvecs, 2)
@@ -163,7 +166,8 @@ def hutchinson_diagonal(op, *, max_matvecs: int = 100, block_size: int = 16, see
     return diagonal_result(moments, H, "hutchinson", seed)
 
 
-def diagonal(op, method: str = "xdiag", max_matvecs: int = 100, seed: int | None = 0, **options) -> DiagonalResult:
+def diagonal(op, method: str = "xdiag", max_matvecs: int = 100, seed: int | None = 0,
+             **options) -> DiagonalResult:
     """Estimate diag(H) of any operator (``dim`` + ``matmat``) with ``max_matvecs`` HVPs.
 
     ``method``: ``"xdiag"`` (default), ``"diagpp"`` or ``"hutchinson"`` (see the module docstring).
