@@ -1,0 +1,1 @@
+"""Generalization bounds: the PAC-Bayes calculator, certificates for checkpoints, and Hessian-based measures."""
