@@ -1,5 +1,4 @@
 """Hessian diagonal estimators against exact diagonals: torch.func.hessian on tiny models, dense matrices."""
-import itertools
 import json
 import math
 
@@ -13,10 +12,9 @@ from hessian_tools.estimators.common import CountingOperator
 from hessian_tools.estimators.diagonal import hutchinson_diagonal
 from hessian_tools.estimators.epperly2024xtrace import xdiag
 from hessian_tools.estimators.probes import make_generator, rademacher
-from hessian_tools.operators.params import ParameterBlock
 from hessian_tools.results import DiagonalResult, result_from_dict
 
-from conftest import PROBLEMS, exact_hessian, known_spectrum
+from conftest import PROBLEMS, BlockedDense, exact_hessian, known_spectrum
 
 METHODS = ("hutchinson", "diagpp", "xdiag")
 SEEDS = range(10)
@@ -33,14 +31,6 @@ def low_rank_plus_noise(dim=200, rank=8, noise=0.05, seed=0):
 def relative_error(result, exact: torch.Tensor) -> float:
     exact = exact.numpy()
     return float(np.linalg.norm(result.estimate - exact) / np.linalg.norm(exact))
-
-
-class BlockedDense(ht.DenseOperator):
-    def __init__(self, matrix, sizes):
-        super().__init__(matrix)
-        starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-        self.blocks = tuple(ParameterBlock(f"b{i}", a, b, (b - a,))
-                            for i, (a, b) in enumerate(itertools.pairwise(starts)))
 
 
 @pytest.fixture(scope="module")
