@@ -1,4 +1,4 @@
-"""Accuracy of the Hessian diagonal estimators against the exact diagonal, on the shipped small models.
+r"""Accuracy of the Hessian diagonal estimators against the exact diagonal, on the shipped small models.
 
 For the small CNN (digits, 10 classes) and the small ResNet (digits 0–4, 5 classes), each trained
 briefly with SGD from a fixed seed, the Hessian of the mean training cross-entropy (float64, BatchNorm
@@ -12,7 +12,9 @@ estimator is run at several HVP budgets and seeds. Reported per (model, method, 
   99.7% and 68% for normal errors);
 * block-sum coverage: the fraction of per-layer sums within 3·sum_stderr of the exact layer trace.
 
-    python analysis/diagonal_accuracy.py --out figures            # both models (~10 min on 2 cores)
+    python analysis/diagonal_accuracy.py --models cnn --seeds 3 --out figures --tag cnn
+    python analysis/diagonal_accuracy.py --models resnet --seeds 3 --n 256 --budgets 30,100,300 \
+        --out figures --tag resnet
     python analysis/diagonal_accuracy.py --quick --out /tmp/dq    # smoke run, seconds
 """
 from __future__ import annotations
@@ -200,6 +202,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budgets", default="30,100,300,1000")
     parser.add_argument("--n", type=int, default=512, help="training samples in the Hessian (default 512)")
+    parser.add_argument("--tag", default="", help="suffix of the output files (diagonal_accuracy_TAG.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     budgets = [int(b) for b in args.budgets.split(",")] if not args.quick else [12]
@@ -214,8 +217,9 @@ def main(argv=None) -> dict:
     }
     results["load_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "diagonal_accuracy.json").write_text(json.dumps(results, indent=1))
-    (args.out / "diagonal_accuracy.md").write_text(markdown(results))
+    stem = "diagonal_accuracy" + (f"_{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(results))
     return results
 
 

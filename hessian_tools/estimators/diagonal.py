@@ -49,6 +49,11 @@ METHODS = ("xdiag", "diagpp", "hutchinson")
 EXACT_BLOCK = 256
 
 
+def blocks_of(H: CountingOperator) -> tuple:
+    """The operator's parameter blocks, or one block "all" for an operator without blocks."""
+    return tuple(H.blocks) if H.blocks else (ParameterBlock("all", 0, H.dim, (H.dim,)),)
+
+
 class CoordinateMoments:
     """Per-coordinate sample mean and variance of sample columns (dim, K), streamed block by block,
     plus every sample's per-block sums (n_blocks numbers per sample).
@@ -57,7 +62,7 @@ class CoordinateMoments:
     small next to the mean, and makes it exactly 0 when every sample of a coordinate is the same."""
 
     def __init__(self, H: CountingOperator):
-        self.blocks = tuple(H.blocks) if H.blocks else (ParameterBlock("all", 0, H.dim, (H.dim,)),)
+        self.blocks = blocks_of(H)
         _, self.index = block_index(self.blocks, H.dim, device=H.device)
         self.count = 0
         self.shift = torch.zeros(H.dim, dtype=torch.float64, device=H.device)
@@ -131,7 +136,7 @@ def exact_diagonal(H: CountingOperator, method: str, seed) -> DiagonalResult:
         E = torch.zeros(H.dim, stop - start, dtype=torch.float64, device=H.device)
         E[start:stop] = torch.eye(stop - start, dtype=torch.float64, device=H.device)
         diag[start:stop] = torch.diagonal(H.matmat(E)[start:stop])
-    blocks = tuple(H.blocks) if H.blocks else (ParameterBlock("all", 0, H.dim, (H.dim,)),)
+    blocks = blocks_of(H)
     sums = [(float(diag[b.start : b.stop].sum()), 0.0) for b in blocks]
     return _result(H, blocks, diag, torch.zeros_like(diag), sums, (float(diag.sum()), 0.0), method, seed,
                    n_probes=0, sketch=H.dim)
