@@ -134,7 +134,7 @@ def measure(name: str, budgets, seeds, quick: bool, n_hessian: int) -> dict:
             errors, predicted, within3, within1, block_within3, seconds = [], [], [], [], [], []
             for seed in seeds:
                 t0 = time.perf_counter()
-                r = ht.diagonal(op, method=method, max_matvecs=budget, seed=seed)
+                r = ht.diagonal(op, method=method, max_hvps=budget, seed=seed)
                 seconds.append(time.perf_counter() - t0)
                 deviation = np.abs(r.estimate - d)
                 errors.append(float(np.linalg.norm(r.estimate - d) / np.linalg.norm(d)))
@@ -145,7 +145,7 @@ def measure(name: str, budgets, seeds, quick: bool, n_hessian: int) -> dict:
                 sum_se = np.array([b.sum_stderr for b in r.blocks])
                 block_within3.append(float(np.mean(np.abs(sums - exact_blocks) <= 3 * sum_se)))
             rows.append({
-                "method": method, "budget": budget, "hvps": r.matvecs, "seeds": len(seeds),
+                "method": method, "budget": budget, "hvps": r.hvps, "seeds": len(seeds),
                 "rel_error": float(np.mean(errors)),
                 "rel_error_sd": float(np.std(errors, ddof=1)) if len(seeds) > 1 else 0.0,
                 "predicted_rel_error": float(np.mean(predicted)), "within3": float(np.mean(within3)),

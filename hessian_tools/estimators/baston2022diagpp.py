@@ -18,38 +18,40 @@ i.i.d., so ``stderr_i`` = their sample std / √g is the textbook standard error
 given Q; the exact part adds no variance. Block sums and the trace get theirs from the per-probe
 block sums of the same samples. When rank(H) ≤ k, B = 0 and the estimate is exact (stderr ≈ 0).
 
-When ``max_matvecs ≥ dim`` the diagonal is computed exactly as diag(H·I) with dim HVPs instead
+When ``max_hvps ≥ dim`` the diagonal is computed exactly as diag(H·I) with dim HVPs instead
 (stderr 0, no probes): a sketch of that size would cost more and be no better.
 """
 from __future__ import annotations
 
 import torch
 
+from ..checks import check_integer
 from ..results import DiagonalResult
-from .common import CountingOperator, check_positive_int
+from ..seeding import seeded_generator
+from .common import CountingOperator
 from .diagonal import CoordinateMoments, diagonal_result, exact_diagonal, sample_probes
-from .probes import make_generator, rademacher
+from .probes import rademacher
 
 
-def diagpp(op, *, max_matvecs: int = 100, sketch: int | None = None, block_size: int = 16,
+def diagpp(op, *, max_hvps: int = 100, sketch: int | None = None, block_size: int = 16,
            seed: int | None = 0) -> DiagonalResult:
-    """Estimate diag(H) by Diag++: a sketch of ``sketch`` columns (default ⌊max_matvecs/3⌋), then
-    max_matvecs − 2·sketch Hutchinson probes of the deflated residual (see the module docstring)."""
-    check_positive_int("max_matvecs", max_matvecs, 4)
-    check_positive_int("block_size", block_size)
+    """Estimate diag(H) by Diag++: a sketch of ``sketch`` columns (default ⌊max_hvps/3⌋), then
+    max_hvps − 2·sketch Hutchinson probes of the deflated residual (see the module docstring)."""
+    check_integer("max_hvps", max_hvps, 4)
+    check_integer("block_size", block_size)
     H = CountingOperator(op)
-    if max_matvecs >= H.dim:
+    if max_hvps >= H.dim:
         return exact_diagonal(H, "diagpp", seed)
     if sketch is None:
-        sketch = max_matvecs // 3
-    check_positive_int("sketch", sketch)
-    if 2 * sketch + 2 > max_matvecs:
-        raise ValueError(f"max_matvecs={max_matvecs} leaves fewer than 2 residual probes after a sketch of "
+        sketch = max_hvps // 3
+    check_integer("sketch", sketch)
+    if 2 * sketch + 2 > max_hvps:
+        raise ValueError(f"max_hvps={max_hvps} leaves fewer than 2 residual probes after a sketch of "
                          f"{sketch} (needs 2·sketch + 2)")
-    generator = make_generator(seed)
+    generator, seed = seeded_generator(seed)
     Q, _ = torch.linalg.qr(H.matmat(rademacher(H.dim, sketch, generator, device=H.device)))
     exact = (Q * H.matmat(Q)).sum(1)  # diag(QQᵀH)
     moments = CoordinateMoments(H)
-    sample_probes(H, generator, max_matvecs - H.matvecs, block_size, moments,
+    sample_probes(H, generator, max_hvps - H.hvps, block_size, moments,
                   residual=lambda HZ: HZ - Q @ (Q.T @ HZ))
     return diagonal_result(moments, H, "diagpp", seed, sketch=sketch, exact=exact)

@@ -39,10 +39,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..checks import check_integer
 from ..operators.params import ParameterBlock
 from ..results import BlockDiagonal, DiagonalResult
-from .common import CountingOperator, block_index, block_sums, check_positive_int, mean_and_stderr
-from .probes import make_generator, rademacher
+from ..seeding import seeded_generator
+from ..stats import mean_and_stderr
+from .common import CountingOperator, block_index, block_sums
+from .probes import rademacher
 
 METHODS = ("xdiag", "diagpp", "hutchinson")
 #: identity columns per HVP block when a deflated method computes the diagonal exactly
@@ -154,39 +157,40 @@ def _result(H, blocks, estimate, stderr, sums, trace, method, seed, n_probes, sk
             rms_stderr=float(np.sqrt(np.mean(errors**2))),
         ))
     return DiagonalResult(
-        trace=trace[0], trace_stderr=trace[1], blocks=tuple(summaries), matvecs=H.matvecs, method=method,
+        trace=trace[0], trace_stderr=trace[1], blocks=tuple(summaries), hvps=H.hvps, method=method,
         seed=seed, n_probes=n_probes, dim=H.dim, sketch=sketch, estimate=estimate, stderr=stderr,
     )
 
 
-def hutchinson_diagonal(op, *, max_matvecs: int = 100, block_size: int = 16,
+def hutchinson_diagonal(op, *, max_hvps: int = 100, block_size: int = 16,
                         seed: int | None = 0) -> DiagonalResult:
-    """Estimate diag(H) by Hutchinson's diagonal estimator with ``max_matvecs`` Rademacher probes
+    """Estimate diag(H) by Hutchinson's diagonal estimator with ``max_hvps`` Rademacher probes
     (see the module docstring)."""
-    check_positive_int("max_matvecs", max_matvecs, 2)
-    check_positive_int("block_size", block_size)
+    check_integer("max_hvps", max_hvps, 2)
+    check_integer("block_size", block_size)
     H = CountingOperator(op)
     moments = CoordinateMoments(H)
-    sample_probes(H, make_generator(seed), max_matvecs, block_size, moments)
+    generator, seed = seeded_generator(seed)
+    sample_probes(H, generator, max_hvps, block_size, moments)
     return diagonal_result(moments, H, "hutchinson", seed)
 
 
-def diagonal(op, method: str = "xdiag", max_matvecs: int = 100, seed: int | None = 0,
+def diagonal(op, method: str = "xdiag", max_hvps: int = 100, seed: int | None = 0,
              **options) -> DiagonalResult:
-    """Estimate diag(H) of any operator (``dim`` + ``matmat``) with ``max_matvecs`` HVPs.
+    """Estimate diag(H) of any operator (``dim`` + ``matmat``) with ``max_hvps`` HVPs.
 
     ``method``: ``"xdiag"`` (default), ``"diagpp"`` or ``"hutchinson"`` (see the module docstring).
-    The deflated methods compute the diagonal exactly (dim HVPs) once ``max_matvecs ≥ dim``.
+    The deflated methods compute the diagonal exactly (dim HVPs) once ``max_hvps ≥ dim``.
     Other keyword options go to the method (``block_size=``; ``sketch=`` for Diag++).
     """
     if method not in METHODS:
         raise ValueError(f"unknown diagonal method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "hutchinson":
-        return hutchinson_diagonal(op, max_matvecs=max_matvecs, seed=seed, **options)
+        return hutchinson_diagonal(op, max_hvps=max_hvps, seed=seed, **options)
     if method == "diagpp":
         from .baston2022diagpp import diagpp
 
-        return diagpp(op, max_matvecs=max_matvecs, seed=seed, **options)
+        return diagpp(op, max_hvps=max_hvps, seed=seed, **options)
     from .epperly2024xtrace import xdiag
 
-    return xdiag(op, max_matvecs=max_matvecs, seed=seed, **options)
+    return xdiag(op, max_hvps=max_hvps, seed=seed, **options)

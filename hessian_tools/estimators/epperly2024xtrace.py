@@ -3,7 +3,7 @@ estimation", SIAM J. Matrix Anal. Appl. 45(1), 2024).
 
 Hutch++ spends its probes on two separate jobs: a sketch Q that captures the top of the spectrum,
 and Hutchinson probes for the rest. XTrace uses every probe for both jobs (the *exchangeability*
-principle). With s = ⌊max_matvecs/2⌋ probes Ω = [ω_1 … ω_s] and Y = HΩ:
+principle). With s = ⌊max_hvps/2⌋ probes Ω = [ω_1 … ω_s] and Y = HΩ:
 
 * for each i, Q_(i) = orth(Y without column i) — a rank-(s−1) sketch that does not depend on ω_i;
 * estimate_i = tr(Q_(i)ᵀ H Q_(i)) + ω̃_iᵀ (I − Q_(i)Q_(i)ᵀ) H (I − Q_(i)Q_(i)ᵀ) ω̃_i,
@@ -48,7 +48,7 @@ of tr(H_bb) from the same probes and HVPs, and the block estimates sum exactly t
 Their stderr is computed the same way as the total's.
 
 XDiag (the same paper, its diagonal estimator; :func:`xdiag`). The same exchangeable design for
-diag(H), with s = ⌊max_matvecs/2⌋ Rademacher probes Ω, Y = HΩ = QR and Z = HQ:
+diag(H), with s = ⌊max_hvps/2⌋ Rademacher probes Ω, Y = HΩ = QR and Z = HQ:
 
     d_i = diag(Q_(i)Q_(i)ᵀH) + ω_i ⊙ (I − Q_(i)Q_(i)ᵀ)Hω_i,     estimate = (1/s) Σ_i d_i.
 
@@ -67,7 +67,7 @@ range(H) and the estimate is exact.
 XDiag's error estimate (``stderr``): per coordinate, std(d_1..s)/√s, the analogue of XTrace's; like
 it, an estimate of the whole error from exchangeable, dependent samples, not a textbook standard
 error; the tests check its coverage against exact diagonals. Block sums and the trace get theirs
-from the per-probe block sums of the d_i. When ``max_matvecs ≥ dim`` the diagonal is computed
+from the per-probe block sums of the d_i. When ``max_hvps ≥ dim`` the diagonal is computed
 exactly as diag(H·I) with dim HVPs.
 """
 from __future__ import annotations
@@ -76,19 +76,22 @@ import math
 
 import torch
 
+from ..checks import check_integer
 from ..results import DiagonalResult, TraceResult
-from .common import CountingOperator, block_index, block_sums, check_positive_int, mean_and_stderr
+from ..seeding import seeded_generator
+from ..stats import mean_and_stderr
+from .common import CountingOperator, block_index, block_sums
 from .diagonal import CoordinateMoments, diagonal_result, exact_diagonal
 from .hutchinson import block_results
-from .probes import gaussian, make_generator, rademacher
+from .probes import gaussian, rademacher
 
 
-def xtrace(op, *, max_matvecs: int = 100, seed: int | None = 0, keep_samples: bool = True) -> TraceResult:
-    """Estimate tr(H) by XTrace with s = ⌊max_matvecs/2⌋ probes (2s HVPs); see the module docstring."""
-    check_positive_int("max_matvecs", max_matvecs, 4)
+def xtrace(op, *, max_hvps: int = 100, seed: int | None = 0, keep_samples: bool = True) -> TraceResult:
+    """Estimate tr(H) by XTrace with s = ⌊max_hvps/2⌋ probes (2s HVPs); see the module docstring."""
+    check_integer("max_hvps", max_hvps, 4)
     H = CountingOperator(op)
     n = H.dim
-    s = max_matvecs // 2
+    s = max_hvps // 2
     names, index = block_index(H.blocks, n, device=H.device)
     if s >= n:  # exact: the budget covers the whole space
         Z = H.matmat(torch.eye(n, dtype=torch.float64, device=H.device))
@@ -96,9 +99,10 @@ def xtrace(op, *, max_matvecs: int = 100, seed: int | None = 0, keep_samples: bo
         blocks = ()
         if names is not None:
             blocks = block_results(H.blocks, torch.zeros(len(names), 2, dtype=torch.float64), block_sums(diag, index, len(names))[:, 0])
-        return TraceResult(float(diag.sum()), 0.0, H.matvecs, "xtrace", seed, 0, None, True, blocks, ())
+        return TraceResult(float(diag.sum()), 0.0, H.hvps, "xtrace", seed, 0, None, True, blocks, ())
 
-    Omega = gaussian(n, s, make_generator(seed))
+    generator, seed = seeded_generator(seed)
+    Omega = gaussian(n, s, generator)
     Omega = (Omega * (math.sqrt(n) / Omega.norm(dim=0))).to(H.device)
     Y = H.matmat(Omega)
     Q, R = torch.linalg.qr(Y)
@@ -117,7 +121,7 @@ def xtrace(op, *, max_matvecs: int = 100, seed: int | None = 0, keep_samples: bo
     return TraceResult(
         estimate=estimate,
         stderr=stderr,
-        matvecs=H.matvecs,
+        hvps=H.hvps,
         method="xtrace",
         seed=seed,
         n_probes=s,
@@ -126,16 +130,17 @@ def xtrace(op, *, max_matvecs: int = 100, seed: int | None = 0, keep_samples: bo
     )
 
 
-def xdiag(op, *, max_matvecs: int = 100, seed: int | None = 0, block_size: int = 16) -> DiagonalResult:
-    """Estimate diag(H) by XDiag with s = ⌊max_matvecs/2⌋ Rademacher probes (2s HVPs); see the module
+def xdiag(op, *, max_hvps: int = 100, seed: int | None = 0, block_size: int = 16) -> DiagonalResult:
+    """Estimate diag(H) by XDiag with s = ⌊max_hvps/2⌋ Rademacher probes (2s HVPs); see the module
     docstring. ``block_size`` bounds the memory of the per-probe estimates (columns at a time)."""
-    check_positive_int("max_matvecs", max_matvecs, 4)
-    check_positive_int("block_size", block_size)
+    check_integer("max_hvps", max_hvps, 4)
+    check_integer("block_size", block_size)
     H = CountingOperator(op)
-    if max_matvecs >= H.dim:
+    if max_hvps >= H.dim:
         return exact_diagonal(H, "xdiag", seed)
-    s = max_matvecs // 2
-    Omega = rademacher(H.dim, s, make_generator(seed), device=H.device)
+    s = max_hvps // 2
+    generator, seed = seeded_generator(seed)
+    Omega = rademacher(H.dim, s, generator, device=H.device)
     Y = H.matmat(Omega)
     Q, R = torch.linalg.qr(Y)
     Z = H.matmat(Q)
