@@ -7,8 +7,8 @@ Data flows one way: checkpoint → :class:`HessianOperator` → estimator → re
 >>> ht.trace(op, rtol=0.01)                              # doctest: +SKIP
 """
 from .estimators import (
-    density, diagonal, diagpp, eigenvalues, hutchinson, hutchinson_diagonal, hutchpp, quadratic_form, quadratic_forms,
-    trace, xdiag, xtrace,
+    density, diagonal, diagpp, eigenvalues, hutchinson, hutchinson_diagonal, hutchpp, quadratic_form,
+    quadratic_forms, trace, xdiag, xtrace,
 )
 from .operators import DenseOperator, HessianOperator, ParameterBlock, as_operator, to_scipy
 from .results import DensityResult, DiagonalResult, EigenResult, QuadratureResult, Result, TraceResult

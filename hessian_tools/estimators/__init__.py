@@ -10,6 +10,6 @@ from .quadrature import quadratic_form, quadratic_forms
 from .trace import trace
 
 __all__ = [
-    "density", "diagonal", "diagpp", "eigenvalues", "hutchinson", "hutchinson_diagonal", "hutchpp", "quadratic_form",
-    "quadratic_forms", "trace", "xdiag", "xtrace",
+    "density", "diagonal", "diagpp", "eigenvalues", "hutchinson", "hutchinson_diagonal", "hutchpp",
+    "quadratic_form", "quadratic_forms", "trace", "xdiag", "xtrace",
 ]
