@@ -66,7 +66,10 @@ range(H) and the estimate is exact.
 
 XDiag's error estimate (``stderr``): per coordinate, std(d_1..s)/√s, the analogue of XTrace's; like
 it, an estimate of the whole error from exchangeable, dependent samples, not a textbook standard
-error; the tests check its coverage against exact diagonals. Block sums and the trace get theirs
+error; the tests check its coverage against exact diagonals. Measured: on the Hessians of the small
+CNN and ResNet it matches the actual error (68–70% of coordinates within one stderr, 99% within
+three; analysis/diagonal_accuracy.py); on a dense matrix with five outliers and a flat bulk it runs
+about 20% small (58% within one stderr, 98% within three). Block sums and the trace get theirs
 from the per-probe block sums of the d_i. When ``max_hvps ≥ dim`` the diagonal is computed
 exactly as diag(H·I) with dim HVPs.
 """
