@@ -12,7 +12,20 @@ application (models, data, training runs, the command line) lives in :mod:`hessi
 
 from .bounds.certificate import pac_bayes_certificate
 from .bounds.measures import hessian_measures
-from .estimators import density, eigenvalues, hutchinson, hutchpp, quadratic_form, quadratic_forms, trace, xtrace
+from .estimators import (
+    density,
+    diagonal,
+    diagpp,
+    eigenvalues,
+    hutchinson,
+    hutchinson_diagonal,
+    hutchpp,
+    quadratic_form,
+    quadratic_forms,
+    trace,
+    xdiag,
+    xtrace,
+)
 from .estimators.paired import paired_traces
 from .operators import DenseOperator, EmpiricalRisk, HessianOperator, LinearOperator, ParameterBlock, as_operator
 from .operators import to_scipy
@@ -21,6 +34,7 @@ from .results import (
     CertificateResult,
     ComparisonResult,
     DensityResult,
+    DiagonalResult,
     EigenResult,
     HessianMeasuresResult,
     PairedDifference,
@@ -36,10 +50,10 @@ from .stability import noise_stability, stability_curve
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASAM", "CertificateResult", "ComparisonResult", "DenseOperator", "DensityResult", "EigenResult",
+    "ASAM", "CertificateResult", "ComparisonResult", "DenseOperator", "DensityResult", "DiagonalResult", "EigenResult",
     "EmpiricalRisk", "HessianMeasuresResult", "HessianOperator", "LinearOperator", "NSO", "PairedDifference",
     "ParameterBlock", "QuadratureResult", "Result", "SAM", "StabilityCurveResult", "StabilityResult",
-    "TraceResult", "WeightPerturbation", "as_operator", "density", "eigenvalues", "hessian_measures", "hutchinson",
-    "hutchpp", "make_optimizer", "noise_stability", "paired_traces", "pac_bayes_certificate", "quadratic_form",
-    "quadratic_forms", "result_from_dict", "stability_curve", "to_scipy", "trace", "xtrace",
+    "TraceResult", "WeightPerturbation", "as_operator", "density", "diagonal", "diagpp", "eigenvalues", "hessian_measures", "hutchinson",
+    "hutchinson_diagonal", "hutchpp", "make_optimizer", "noise_stability", "paired_traces", "pac_bayes_certificate", "quadratic_form",
+    "quadratic_forms", "result_from_dict", "stability_curve", "to_scipy", "trace", "xdiag", "xtrace",
 ]

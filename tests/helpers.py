@@ -2,9 +2,14 @@
 known spectra, and batching. Imported by the test modules (``from helpers import ...``)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.func import functional_call, hessian
+
+from hessian_tools.operators.adapters import DenseOperator
+from hessian_tools.operators.params import ParameterBlock
 
 def exact_hessian(model: nn.Module, loss_fn, X, y, names=None) -> torch.Tensor:
     """∇² of loss_fn(model(X), y) w.r.t. the named parameters, by torch.func.hessian in float64,
@@ -87,3 +92,12 @@ def known_spectrum(dim=300, seed=0):
     ]).double()
     Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
     return (Q * lam) @ Q.T, lam
+
+
+class BlockedDense(DenseOperator):
+    """A dense matrix whose coordinates are split into named blocks b0, b1, … of the given sizes."""
+
+    def __init__(self, matrix, sizes):
+        super().__init__(matrix)
+        starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        self.blocks = tuple(ParameterBlock(f"b{i}", a, b, (b - a,)) for i, (a, b) in enumerate(itertools.pairwise(starts)))

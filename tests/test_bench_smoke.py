@@ -41,3 +41,21 @@ def test_quick_run_writes_the_report(bench, tmp_path):
     # only our rows without peers, and ours reaches the easy eigenvalue target
     assert all(row["tool"].startswith("ours") for row in results["trace"]["rows"])
     assert any(row[1e-6] is not None for row in results["eigen"]["rows"])
+
+
+def test_diagonal_accuracy_quick_run(tmp_path):
+    """analysis/diagonal_accuracy.py --quick: both models, the tables written, and the Gauss–Newton
+    identity the ResNet's exact diagonal relies on checked against the full Hessian on the CNN."""
+    sys.path.insert(0, str(ANALYSIS))
+    try:
+        import diagonal_accuracy
+    finally:
+        sys.path.remove(str(ANALYSIS))
+    results = diagonal_accuracy.main(["--quick", "--out", str(tmp_path)])
+    cnn, resnet = results["problems"]
+    assert (cnn["model"], cnn["dim"], resnet["model"], resnet["dim"]) == ("cnn", 1898, "resnet", 5037)
+    assert cnn["ggn_max_relative_deviation"] < 1e-10
+    assert {row["method"] for row in resnet["rows"]} == set(diagonal_accuracy.METHODS)
+    report = (tmp_path / "diagonal_accuracy.md").read_text()
+    assert "## cnn — 1898 parameters" in report and "## resnet — 5037 parameters" in report
+    assert json.loads((tmp_path / "diagonal_accuracy.json").read_text())["seeds"] == [0, 1]
