@@ -33,10 +33,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from hessian_tools.bounds import optimised_certificate  # noqa: E402
-from hessian_tools.data import batches, load_data  # noqa: E402
-from hessian_tools.io import atomic_write_json, atomic_write_text, load_state_dict, read_json  # noqa: E402
+from hessian_tools.app.checkpoints import load_state_dict  # noqa: E402
+from hessian_tools.app.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from hessian_tools.app.runs import TrainConfig, build_run_model, learning_rate, train  # noqa: E402
+from hessian_tools.app.zoo.data import batches, load_data  # noqa: E402
 from hessian_tools.optim import make_optimizer  # noqa: E402
-from hessian_tools.train import TrainConfig, build_run_model, learning_rate, train  # noqa: E402
 
 METHOD_OPTIONS = {"sgd": {}, "sam": {"rho": 0.05}, "nso": {"sigma": 0.03, "k": 1}}
 

@@ -47,9 +47,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import hessian_tools as ht  # noqa: E402
-from hessian_tools.data import batches as make_batches  # noqa: E402
-from hessian_tools.data import load_digits  # noqa: E402
-from hessian_tools.models import MLP, SmallCNN, SmallResNet  # noqa: E402
+from hessian_tools.app.zoo.data import batches as make_batches  # noqa: E402
+from hessian_tools.app.zoo.data import load_digits  # noqa: E402
+from hessian_tools.app.zoo.models import MLP, SmallCNN, SmallResNet  # noqa: E402
 
 import peers  # noqa: E402
 

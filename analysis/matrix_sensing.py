@@ -8,9 +8,9 @@ Hessian trace of the final U and the wall time, plus a per-method summary next t
 reported validation losses — and ``figures/matrix_sensing.png``/``.pdf`` (training and validation
 loss vs step, log scale, mean over seeds with a min–max band). The set-up, and why the training
 objective is the half-MSE while the reported losses are relative, is documented in
-:mod:`hessian_tools.matrix_sensing`.
+:mod:`hessian_tools.app.experiments.matrix_sensing`.
 """
-from hessian_tools.matrix_sensing import main
+from hessian_tools.app.experiments.matrix_sensing import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

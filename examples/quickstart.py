@@ -2,8 +2,8 @@
 import torch
 
 import hessian_tools as ht
-from hessian_tools.data import batches, load_data
-from hessian_tools.train import TrainConfig, build_run_model, train
+from hessian_tools.app.zoo.data import batches, load_data
+from hessian_tools.app.runs import TrainConfig, build_run_model, train
 
 run = train(TrainConfig(model="cnn", data="builtin:digits", epochs=5, lr=0.05, seed=0), "runs/quickstart-cnn", resume=True)
 model = build_run_model(run, "final.pt")

@@ -1,6 +1,6 @@
 """``python -m hessian_tools`` = the ``hessian-tools`` command."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from hessian_tools import pacbayes
+from hessian_tools.bounds import pacbayes
 from hessian_tools.bounds import DEFAULT_LAMBDA_GRID, fold_batchnorm, optimised_certificate, split_for_prior
 from hessian_tools.bounds import posterior as post
-from hessian_tools.certificate import pac_bayes_certificate
-from hessian_tools.data import synthetic_classification
+from hessian_tools.bounds.certificate import pac_bayes_certificate
+from hessian_tools.app.zoo.data import synthetic_classification
 from hessian_tools.errors import CheckpointError
 from hessian_tools.results import PosteriorCertificateResult, result_from_dict
 

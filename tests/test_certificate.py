@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hessian_tools import HessianOperator, pacbayes
-from hessian_tools.certificate import default_loss_max, hessian_measures, pac_bayes_certificate
-from hessian_tools.data import synthetic_classification
+from hessian_tools import HessianOperator
+from hessian_tools.bounds import pacbayes
+from hessian_tools.bounds.certificate import default_loss_max, hessian_measures, pac_bayes_certificate
+from hessian_tools.app.zoo.data import synthetic_classification
 from hessian_tools.results import BlockTrace, CertificateResult, HessianMeasuresResult, TraceResult
 from hessian_tools.stability import gaussian_draws
 
@@ -241,7 +242,7 @@ def test_block_view_of_generic_operator_and_trace_clipping(tiny_mlp):
 # --------------------------------------------------------------------------------------------
 RANDOM_LABELS = '''
 import torch
-from hessian_tools.data import DataBundle, digits_finetune
+from hessian_tools.app.zoo.data import DataBundle, digits_finetune
 
 
 def random_label_finetune():
@@ -256,9 +257,9 @@ def random_label_finetune():
 def test_end_to_end_certificate_non_vacuous_and_random_labels_worse(tmp_path):
     """Pre-train an MLP on digits 0–4, fine-tune it on 5–9 (850 samples); the certificate's prior is
     the fine-tune run's init.pt (pre-trained body + seeded fresh head), independent of those samples."""
-    from hessian_tools.data import load_data
-    from hessian_tools.io import load_state_dict
-    from hessian_tools.train import TrainConfig, build_run_model, train
+    from hessian_tools.app.zoo.data import load_data
+    from hessian_tools.app.checkpoints import load_state_dict
+    from hessian_tools.app.runs import TrainConfig, build_run_model, train
 
     pre = train(TrainConfig(model="mlp", data="builtin:digits-pretrain", epochs=4, lr=0.05, batch_size=32), tmp_path / "pre")
     factory = tmp_path / "random_labels.py"

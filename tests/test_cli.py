@@ -88,7 +88,7 @@ def test_curve_gives_one_point_per_epoch(run_dir, tmp_path):
 
 
 def test_help_has_examples(capsys):
-    from hessian_tools.cli import main
+    from hessian_tools.app.cli import main
 
     for command in ("demo", "analyze", "compare", "curve", "bound", "train"):
         with pytest.raises(SystemExit) as exit_info:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import hessian
 
-from hessian_tools.matrix_sensing import (
+from hessian_tools.app.experiments.matrix_sensing import (
     exact_hessian_trace,
     gradient,
     initial_U,
@@ -144,7 +144,7 @@ def test_analysis_script_writes_json_and_png(tmp_path):
 
 def test_core_trace_estimator_agrees_with_the_closed_form():
     """Hutch++ on the HessianOperator of the objective lands within 3 stderr of the exact trace."""
-    from hessian_tools import matrix_sensing as ms
+    from hessian_tools.app.experiments import matrix_sensing as ms
 
     problem = ms.make_problem(d=6, r=2, m=60, seed=3, dtype=torch.float64)
     U = ms.initial_U(problem, seed=1)

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from hessian_tools.data import (
+from hessian_tools.app.zoo.data import (
     DataBundle,
     batches,
     digits_finetune,
@@ -18,7 +18,7 @@ from hessian_tools.data import (
     synthetic_classification,
 )
 from hessian_tools.errors import DataError, HessianToolsError
-from hessian_tools.models import (
+from hessian_tools.app.zoo.models import (
     MLP,
     ModelSpecError,
     SmallCNN,
@@ -96,7 +96,7 @@ def user_module(tmp_path, monkeypatch):
     """A user module on sys.path with a model factory and data loaders."""
     (tmp_path / "ht_user_mod.py").write_text(textwrap.dedent("""
         import torch
-        from hessian_tools.data import DataBundle
+        from hessian_tools.app.zoo.data import DataBundle
 
         def make_net(num_classes, width=4):
             net = torch.nn.Sequential()
@@ -218,7 +218,7 @@ def test_digits_finetune_split_is_low_sample_and_disjoint():
 
 def test_train_test_disjoint_by_index():
     # The splits permute indices; apply the same split to an index tag to see which samples went where.
-    from hessian_tools.data import _split
+    from hessian_tools.app.zoo.data import _split
 
     idx = torch.arange(901)
     (tr, _), (te, _) = _split(idx[:, None], idx, seed=3)

@@ -1,4 +1,4 @@
-"""Tests of hessian_tools.pacbayes against independently derived values (scipy, torch, closed
+"""Tests of hessian_tools.bounds.pacbayes against independently derived values (scipy, torch, closed
 forms, simulation) and against the inequalities that relate the bounds in the literature."""
 import math
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy.optimize import brentq, minimize_scalar
 from scipy.special import rel_entr
 
-from hessian_tools import pacbayes as pb
+from hessian_tools.bounds import pacbayes as pb
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

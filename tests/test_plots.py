@@ -14,8 +14,8 @@ import torch
 
 from hessian_tools import DenseOperator, eigenvalues, trace
 from hessian_tools.estimators.density import density
-from hessian_tools.pipeline import CheckpointAnalysis
-from hessian_tools.plots import (METHOD_COLORS, method_color, plot_demo, plot_density, plot_matrix_sensing,
+from hessian_tools.app.pipeline import CheckpointAnalysis
+from hessian_tools.app.plots import (METHOD_COLORS, method_color, plot_demo, plot_density, plot_matrix_sensing,
                                  plot_sharpness_curves, plot_stability, plot_trace_lambda_bars)
 from hessian_tools.results import StabilityCurveResult
 

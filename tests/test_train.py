@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-import hessian_tools.train as train_mod
+import hessian_tools.app.runs as train_mod
 from hessian_tools.errors import CheckpointError, NonFiniteError
-from hessian_tools.models import seeded_build
-from hessian_tools.train import TrainConfig, build_run_model, evaluate, load_run, train
+from hessian_tools.app.zoo.models import seeded_build
+from hessian_tools.app.runs import TrainConfig, build_run_model, evaluate, load_run, train
 
 SYN = "builtin:synthetic?n=120&d=6&num_classes=3"
 
@@ -211,7 +211,7 @@ def test_config_validation_and_nonfinite_loss(tmp_path):
 
 
 def test_cosine_schedule_anneals_and_resumes_bit_for_bit(tmp_path):
-    from hessian_tools.train import learning_rate
+    from hessian_tools.app.runs import learning_rate
 
     cfg = config(schedule="cosine", epochs=3)
     assert learning_rate(cfg, 0, 12) == pytest.approx(cfg.lr)

@@ -1,4 +1,4 @@
-"""Generalization bounds: PAC-Bayes certificates with optimised posteriors."""
+"""Generalization bounds: the PAC-Bayes calculator, certificates for checkpoints, and Hessian-based measures."""
 from .posterior import DEFAULT_LAMBDA_GRID, fold_batchnorm, optimised_certificate, split_for_prior
 
 __all__ = ["DEFAULT_LAMBDA_GRID", "fold_batchnorm", "optimised_certificate", "split_for_prior"]

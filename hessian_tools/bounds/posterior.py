@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .. import pacbayes
-from ..certificate import default_loss_max
+from . import pacbayes
+from .certificate import default_loss_max
 from ..errors import CheckpointError, DataError, NonFiniteError
 from ..operators.params import computation_mode, make_blocks
 from ..results import PosteriorCertificateResult

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 
-from .data import load_data
+from .zoo.data import load_data
 from .curves import sharpness_curve
-from .io import atomic_write_json, atomic_write_text, load_state_dict, read_json
+from .checkpoints import load_state_dict
+from .io import atomic_write_json, atomic_write_text, read_json
 from .pipeline import AnalysisSettings, CheckpointAnalysis, analyze_model
-from .results import result_from_dict
-from .train import TrainConfig, build_run_model, train
+from ..results import result_from_dict
+from .runs import TrainConfig, build_run_model, train
 
 
 @dataclasses.dataclass(frozen=True)

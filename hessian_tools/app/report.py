@@ -5,7 +5,7 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 from .pipeline import mean_ci, relative_change_ci
-from .results import Z95
+from ..results import Z95
 
 
 def as_dict(obj: Any) -> Any:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DataBundle, batches
-from .estimators import eigenvalues, trace
-from .operators import HessianOperator
-from .results import Z95, Result, TraceResult
-from .train import evaluate
+from .zoo.data import DataBundle, batches
+from ..estimators import eigenvalues, trace
+from ..operators import HessianOperator
+from ..results import Z95, Result, TraceResult
+from .runs import evaluate
 
 ANALYSES = ("trace", "eigs", "density", "stability", "bound")
 
@@ -103,7 +103,7 @@ def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: Analysis
         # per product combines the sample-weighted sums, so every rank gets the full-data H·V.
         import torch.distributed as dist
 
-        from .operators.distributed import distributed_hessian_operator, shard
+        from ..operators.distributed import distributed_hessian_operator, shard
 
         return distributed_hessian_operator(model.to(settings.device), cross_entropy,
                                             shard(data, dist.get_rank(), dist.get_world_size()),
@@ -151,7 +151,7 @@ def analyze_model(
         timed("bottom", "smallest eigenvalue", lambda: eigenvalues(op, k=1, which="SA", tol=settings.eig_tol, seed=seed,
                                                                      max_matvecs=settings.eig_max_matvecs))
     if "density" in settings.what:
-        from .estimators.density import density
+        from ..estimators.density import density
 
         timed("density", "density", lambda: density(op, n_probes=settings.density_probes,
                                                      steps=min(settings.density_steps, op.dim), seed=seed))
@@ -169,7 +169,7 @@ def analyze_model(
 
 
 def _stability(model, bundle, settings, trace_result):
-    from .stability import stability_curve
+    from ..stability import stability_curve
 
     X, y = bundle.train
     return stability_curve(model, cross_entropy, batches(X, y, settings.batch_size), list(settings.sigmas),
@@ -177,7 +177,7 @@ def _stability(model, bundle, settings, trace_result):
 
 
 def _certificate(model, bundle, settings, prior_state):
-    from .certificate import pac_bayes_certificate
+    from ..bounds.certificate import pac_bayes_certificate
 
     return pac_bayes_certificate(model, bundle.train, prior_state, sigmas=settings.certificate_sigmas,
                                  n_mc=settings.certificate_samples, delta=settings.delta, seed=settings.seed,
@@ -185,7 +185,7 @@ def _certificate(model, bundle, settings, prior_state):
 
 
 def _measures(op, bundle, settings, prior_state, trace_result):
-    from .certificate import hessian_measures
+    from ..bounds.certificate import hessian_measures
 
     return hessian_measures(op, _flat_prior(op, prior_state), n=int(bundle.train[1].shape[0]),
                             trace_result=trace_result, seed=settings.seed)

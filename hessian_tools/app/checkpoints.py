@@ -1,78 +1,24 @@
-"""Safe checkpoint loading and atomic file writes.
+"""Safe checkpoint loading, and resolving what the command line is pointed at — a run folder or a
+state_dict file — into a model, its data and its prior weights.
 
-* Checkpoints are read with ``torch.load(..., weights_only=True)``: a file that would need to
-  unpickle arbitrary objects (and so could run code) is refused, never executed.
-* Every file this package writes goes to a temporary file in the same folder first and is then
-  moved into place with ``os.replace`` (atomic on POSIX), so an interrupted write never leaves a
-  half-written result behind.
+Checkpoints are read with ``torch.load(..., weights_only=True)`` only: a file that would need to
+unpickle arbitrary objects (and so could run code) is refused, never executed.
 """
 from __future__ import annotations
 
-import io
-import json
+import dataclasses
+import inspect
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
-from .errors import CheckpointError
-from .results import _to_jsonable
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file should read like any other
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # KeyboardInterrupt included: never leave the temporary file behind.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Serialise ``obj`` (results, dicts, tensors, arrays) as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(_to_jsonable(obj), indent=2) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` into memory, then an atomic write."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+from .zoo.data import DataBundle, load_data
+from ..errors import CheckpointError
+from .zoo.models import build_model, load_factory
 
 
 def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -140,3 +86,58 @@ def load_checkpoint_into(model: torch.nn.Module, path: str | os.PathLike) -> tor
     """Load the checkpoint at ``path`` into ``model`` safely; returns the model."""
     load_into_model(model, load_state_dict(path), source=str(path))
     return model
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    name: str
+    model: torch.nn.Module
+    data: DataBundle
+    data_spec: str
+    prior: Mapping[str, torch.Tensor] | None
+    path: Path
+
+
+def build_user_model(spec: str, bundle: DataBundle) -> torch.nn.Module:
+    """``mlp``/``cnn``/``resnet`` (built for the data's classes and input shape) or ``module:factory``
+    (called with ``num_classes=`` when its signature takes it, else with no arguments)."""
+    if ":" not in spec:
+        return build_model(spec, bundle.num_classes, bundle.input_shape)
+    factory = load_factory(spec)
+    try:
+        takes_classes = "num_classes" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_classes = False
+    model = factory(num_classes=bundle.num_classes) if takes_classes else factory()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def resolve(target: str, model_spec: str | None = None, data_spec: str | None = None,
+            prior: str | None = None, epoch_file: str = "final.pt") -> LoadedCheckpoint:
+    """A run folder (model, data and prior read from run.json / init.pt; ``--model``/``--data``
+    override) or a checkpoint file (``--model`` and ``--data`` required; ``--prior`` optional)."""
+    path = Path(target)
+    if path.is_dir():
+        from .runs import build_run_model, load_run
+
+        meta, checkpoints = load_run(path)
+        checkpoint = path / epoch_file if (path / epoch_file).is_file() else (checkpoints[-1] if checkpoints else None)
+        if checkpoint is None:
+            raise CheckpointError(f"{path} has no finished epoch to analyse")
+        spec = data_spec or meta["config"]["data"]
+        bundle = load_data(spec)
+        model = build_user_model(model_spec, bundle) if model_spec else build_run_model(meta)
+        load_checkpoint_into(model, checkpoint)
+        prior_path = Path(prior) if prior else path / "init.pt"
+        prior_state = load_state_dict(prior_path) if prior_path.is_file() or prior else None
+        return LoadedCheckpoint(f"{path.name}/{checkpoint.name}", model.eval(), bundle, spec, prior_state, checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not model_spec or not data_spec:
+        raise ValueError(f"{path} is a checkpoint file: say which model and data it belongs to with --model and --data")
+    bundle = load_data(data_spec)
+    model = load_checkpoint_into(build_user_model(model_spec, bundle), path)
+    prior_state = load_state_dict(prior) if prior else None
+    return LoadedCheckpoint(path.name, model.eval(), bundle, data_spec, prior_state, path)

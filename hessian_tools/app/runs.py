@@ -45,10 +45,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DataBundle, batches, load_data
-from .errors import CheckpointError, NonFiniteError
-from .io import atomic_torch_save, atomic_write_json, load_checkpoint_into, load_into_model, load_state_dict, read_json
-from .models import seeded_build
+from .zoo.data import DataBundle, batches, load_data
+from ..errors import CheckpointError, NonFiniteError
+from .checkpoints import load_checkpoint_into, load_into_model, load_state_dict
+from .io import atomic_torch_save, atomic_write_json, read_json
+from .zoo.models import seeded_build
 
 __all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "METHODS", "BASES", "SCHEDULES"]
 
@@ -142,13 +143,13 @@ def _seeds(seed: int) -> tuple[int, int]:
 
 
 def _versions() -> dict:
-    from . import __version__
+    from .. import __version__
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__, "hessian_tools": __version__}
 
 
 def _make_optimizer(config: TrainConfig, model: torch.nn.Module, generator: torch.Generator):
-    from .optim import make_optimizer
+    from ..optim import make_optimizer
 
     return make_optimizer(
         config.method, model.parameters(), model=model, base=config.base, lr=config.lr,

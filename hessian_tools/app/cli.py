@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 from .pipeline import ANALYSES, AnalysisSettings
 
 EPILOG_DEMO = """examples:
@@ -193,7 +193,7 @@ def _emit_json(target: str | None, obj) -> None:
     if not target:
         return
     from .io import atomic_write_json
-    from .results import _to_jsonable
+    from ..results import _to_jsonable
 
     if target == "-":
         print(json.dumps(_to_jsonable(obj), indent=2))
@@ -319,7 +319,7 @@ def cmd_bound(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train
+    from .runs import TrainConfig, train
 
     options = {k: getattr(args, k) for k in ("sigma", "k", "lam", "rho") if getattr(args, k) is not None}
     config = TrainConfig(model=args.model, data=args.data, method=args.method, base=args.base, lr=args.lr,
@@ -340,7 +340,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_matrix_sensing(args) -> int:
-    from .matrix_sensing import main as matrix_sensing_main
+    from .experiments.matrix_sensing import main as matrix_sensing_main
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     return matrix_sensing_main(["--steps", str(args.steps), "--out", args.out, "--d", str(args.d), "--r", str(args.r),
@@ -349,7 +349,7 @@ def cmd_matrix_sensing(args) -> int:
 
 def _start_distributed(args) -> None:
     """Join the torchrun process group; ranks other than 0 print and write nothing."""
-    from .operators.distributed import init_from_env, is_main_process
+    from ..operators.distributed import init_from_env, is_main_process
 
     _, _, device = init_from_env(args.device)
     args.device = str(device)

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import HessianToolsError
+from ...errors import HessianToolsError
 
 __all__ = [
     "MLP",

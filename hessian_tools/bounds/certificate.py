@@ -9,7 +9,6 @@ approximation or drop constants). Keep the two apart when reporting.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -18,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import pacbayes
-from .errors import CheckpointError
-from .results import CertificateResult, HessianMeasuresResult, LayerMeasure, TraceResult
-from .stability import PerturbedEvaluator, gaussian_draws, make_generator
+from ..errors import CheckpointError
+from ..results import CertificateResult, HessianMeasuresResult, LayerMeasure, TraceResult
+from ..stability import PerturbedEvaluator, gaussian_draws, make_generator
 
 __all__ = ["pac_bayes_certificate", "hessian_measures", "DEFAULT_SIGMAS", "LOSSES", "default_loss_max"]
 
@@ -70,12 +69,11 @@ def _check_sigmas(sigmas) -> list[float]:
 def _prior_vector(model: nn.Module, prior_state, evaluator: PerturbedEvaluator) -> torch.Tensor:
     """W0 of the selected parameters (flat, float64), after checking ``prior_state`` fits the model
     and agrees with it on every parameter that is NOT perturbed."""
-    if isinstance(prior_state, (str, Path)):
-        from .io import load_state_dict
-
-        prior_state = load_state_dict(prior_state)
     if not isinstance(prior_state, Mapping):
-        raise ValueError(f"prior_state must be a state_dict (a mapping of names to tensors) or a checkpoint path, got {type(prior_state).__name__}")
+        raise TypeError(
+            f"prior_state must be a state_dict (a mapping of names to tensors), got {type(prior_state).__name__}; "
+            "load a checkpoint file with hessian_tools.app.checkpoints.load_state_dict"
+        )
     params = dict(model.named_parameters())
     missing = [k for k in params if k not in prior_state]
     if missing:
@@ -283,11 +281,11 @@ def hessian_measures(
     (c) ``trace_radius`` — the trace × radius form of the NSO paper: √(Tr(H)·‖W − W0‖²/n), Tr(H)
     the total trace (clipped at 0), stderr by the delta method.
     """
-    from .estimators.quadrature import quadratic_forms
-    from .operators.block_diagonal import BlockColumnsOperator
-    from .estimators.trace import trace as estimate_trace
-    from .operators.adapters import as_operator
-    from .operators.params import ParameterBlock
+    from ..estimators.quadrature import quadratic_forms
+    from ..operators.block_diagonal import BlockColumnsOperator
+    from ..estimators.trace import trace as estimate_trace
+    from ..operators.adapters import as_operator
+    from ..operators.params import ParameterBlock
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer (the number of training samples), got {n!r}")

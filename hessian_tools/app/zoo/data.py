@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import DataError
+from ...errors import DataError
 from .models import load_factory
 
 __all__ = [
@@ -101,7 +101,7 @@ def _as_split(split: Any, which: str, name: str) -> Split:
 
 @lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    resource = importlib.resources.files("hessian_tools.datasets").joinpath("digits.csv.gz")
+    resource = importlib.resources.files("hessian_tools.app.zoo.datasets").joinpath("digits.csv.gz")
     with resource.open("rb") as raw, gzip.open(raw, "rt") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
     if table.ndim != 2 or table.shape[1] != 65:

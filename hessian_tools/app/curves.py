@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .data import DataBundle, load_data
-from .estimators import eigenvalues, trace
+from .zoo.data import DataBundle, load_data
+from ..estimators import eigenvalues, trace
 from .io import atomic_write_json, read_json
 from .pipeline import AnalysisSettings, make_operator
-from .train import build_run_model, load_run
+from .runs import build_run_model, load_run
 
 
 def sharpness_curve(run_dir: str | Path, bundle: DataBundle, settings: AnalysisSettings = AnalysisSettings(), *,
@@ -43,7 +43,7 @@ def run_curve(runs: Sequence[str], *, every: int = 1, rtol: float = 0.05, seed: 
     """Curves of several run folders on their own training data; with ``out``, each run's curve is
     saved atomically as it finishes (``resume`` reuses saved ones) and the figure is drawn
     (by rank 0 alone when ``distributed``)."""
-    from .operators.distributed import is_main_process
+    from ..operators.distributed import is_main_process
 
     settings = AnalysisSettings(seed=seed, batch_size=batch_size, distributed=distributed, device=device)
     if not is_main_process():

@@ -238,7 +238,7 @@ def hessian_operator(U: torch.Tensor, problem: MatrixSensingProblem, objective: 
                      batch_size: int = 500):
     """∇²f(U) of the training objective as a :class:`~hessian_tools.HessianOperator` (float64),
     streaming the measurements in batches: f = mean_i r_i² / s over all m measurements."""
-    from .operators import HessianOperator
+    from ...operators import HessianOperator
 
     scale = objective_scale(problem, objective)
     A, y = problem.A_train, problem.y_train
@@ -250,7 +250,7 @@ def hessian_operator(U: torch.Tensor, problem: MatrixSensingProblem, objective: 
 def estimated_hessian_trace(U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse",
                             rtol: float = 0.01, seed: int = 0) -> dict:
     """Tr ∇²f(U) by the core's Hutch++ (95% half-width ≤ rtol·|trace|), to set next to the exact value."""
-    from .estimators import trace
+    from ...estimators import trace
 
     result = trace(hessian_operator(U, problem, objective), rtol=rtol, max_matvecs=2000, seed=seed)
     return {"estimate": result.estimate, "stderr": result.stderr, "hvps": result.matvecs, "seed": seed,
@@ -372,7 +372,7 @@ def run_experiment(seeds: Sequence[int] = (0,), steps: int = 5000, methods: Sequ
                    num_threads: int | None = 1, say=print) -> dict:
     """Every method on every seed (one problem per seed, shared by the methods): the JSON-ready results
     ``{"experiment", "config", "paper_val_loss", "summary", "runs", "total_wall_time_s", "versions"}``."""
-    from . import __version__
+    from ... import __version__
 
     m = 5 * d * r if m is None else int(m)
     cfg = {"d": d, "r": r, "m": m, "lr": lr, "sigma": sigma, "steps": steps, "log_every": log_every,
@@ -428,8 +428,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Command line: run the experiment, write OUT/matrix_sensing.json and the figure (png + pdf)."""
-    from .io import atomic_write_json
-    from .plots import plot_matrix_sensing
+    from ..io import atomic_write_json
+    from ..plots import plot_matrix_sensing
 
     args = _parse_args(argv)
     results = run_experiment(args.seeds, args.steps, args.methods, d=args.d, r=args.r, m=args.m, lr=args.lr,

@@ -1,0 +1,1 @@
+"""Experiments of the NSO paper reproduced on the library (matrix sensing)."""

@@ -1,0 +1,1 @@
+"""The embedded models and datasets: everything runs offline on them."""
