@@ -41,10 +41,14 @@ from hessian_tools.optim import make_optimizer  # noqa: E402
 
 METHOD_OPTIONS = {"sgd": {}, "sam": {"rho": 0.05}, "nso": {"sigma": 0.03, "k": 1}}
 
+_DD = {"prior_split": 0.5, "optimise_mean": True, "mean_start": "prior"}
+
 #: name → (per_class, fine-tuning lr, epochs, certificate options, prior_epochs or None)
 SETTINGS = {
+    # pre-trained prior (init.pt: the digits 0–4 network with the run's fresh head)
     "fixed50": (50, 0.02, 10, {}, None),
     "fixed50-head": (50, 0.02, 10, {"prior_groups": "head"}, None),
+    "fixed50-param": (50, 0.02, 10, {"variance": "parameter"}, None),
     "mean50": (50, 0.02, 10, {"optimise_mean": True, "mean_lr": 3e-3, "prior_groups": "head"}, None),
     "pbb50": (50, 0.02, 10, {"optimise_mean": True, "mean_start": "prior", "mean_lr": 3e-3,
                              "prior_groups": "head"}, None),
@@ -52,10 +56,16 @@ SETTINGS = {
     "fixed150": (150, 0.02, 10, {}, None),
     "pbb150": (150, 0.02, 10, {"optimise_mean": True, "mean_start": "prior", "mean_lr": 3e-3,
                                "prior_groups": "head"}, None),
-    "dd50": (50, 0.02, 10, {"prior_split": 0.5}, 20),
-    "dd50-mean": (50, 0.02, 10, {"prior_split": 0.5, "optimise_mean": True, "mean_start": "prior"}, 20),
-    "dd100": (100, 0.02, 10, {"prior_split": 0.5}, 20),
-    "dd150": (150, 0.02, 10, {"prior_split": 0.5}, 20),
+    # data-dependent prior trained with the run's recipe on a part of the split
+    "dd50-fixed": (50, 0.02, 10, {"prior_split": 0.5}, 20),
+    "dd50": (50, 0.02, 10, _DD, 20),
+    "dd50-e40": (50, 0.02, 10, _DD, 40),
+    "dd50-param": (50, 0.02, 10, dict(_DD, variance="parameter"), 20),
+    "dd50-mc5000": (50, 0.02, 10, dict(_DD, n_mc=5000), 20),
+    "dd50-s0.7": (50, 0.02, 10, dict(_DD, prior_split=0.7), 14),
+    "dd50-s0.7-e28": (50, 0.02, 10, dict(_DD, prior_split=0.7), 28),
+    "dd100": (100, 0.02, 10, _DD, 20),
+    "dd150": (150, 0.02, 10, _DD, 20),
 }
 QUICK = {"steps": 30, "n_mc": 50, "n_mc_test": 10}
 

@@ -97,3 +97,20 @@ def known_spectrum(dim=300, seed=0):
     ]).double()
     Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
     return (Q * lam) @ Q.T, lam
+
+
+def nearest_mean_classifier(n: int, d: int, prior_seed: int, classes: int = 3):
+    """A nearest-class-mean linear classifier on a well separated Gaussian mixture (low train error)
+    and a prior 1e-3 away from it (KL ≈ 0). Returns (model, bundle, prior state_dict)."""
+    from hessian_tools.app.zoo.data import synthetic_classification
+
+    bundle = synthetic_classification(n=n, d=d, num_classes=classes, seed=0, separation=3.0)
+    X, y = bundle.train
+    means = torch.stack([X[y == c].mean(0) for c in range(classes)])
+    model = nn.Linear(d, classes)
+    with torch.no_grad():
+        model.weight.copy_(means)
+        model.bias.copy_(-0.5 * (means * means).sum(1))
+    g = torch.Generator().manual_seed(prior_seed)
+    prior = {k: v.detach() + 1e-3 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    return model, bundle, prior

@@ -5,20 +5,18 @@ import math
 
 import pytest
 import torch
+from conftest import TinyCNN, exact_hessian, nearest_mean_classifier
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from hessian_tools.bounds import pacbayes
+from hessian_tools.app.zoo.data import synthetic_classification
 from hessian_tools.bounds import DEFAULT_LAMBDA_GRID, fold_batchnorm, optimised_certificate, split_for_prior
 from hessian_tools.bounds import posterior as post
 from hessian_tools.bounds.certificate import pac_bayes_certificate
-from hessian_tools.app.zoo.data import synthetic_classification
 from hessian_tools.errors import CheckpointError
 from hessian_tools.results import PosteriorCertificateResult, result_from_dict
 
-from conftest import TinyCNN, exact_hessian
-
-FAST = dict(steps=60, n_mc=64, n_mc_test=16)
+FAST = {"steps": 60, "n_mc": 64, "n_mc_test": 16}
 
 
 def _binary_kl(q, p):
@@ -34,16 +32,8 @@ def _binary_kl(q, p):
 @pytest.fixture(scope="module")
 def separable():
     """Nearest-class-mean linear classifier on a separated mixture, a prior 1e-3 away."""
-    bundle = synthetic_classification(n=600, d=6, num_classes=3, seed=0, separation=3.0)
-    X, y = bundle.train
-    means = torch.stack([X[y == c].mean(0) for c in range(3)])
-    model = nn.Linear(6, 3)
-    with torch.no_grad():
-        model.weight.copy_(means)
-        model.bias.copy_(-0.5 * (means * means).sum(1))
-    g = torch.Generator().manual_seed(3)
-    prior = {k: v.detach() + 1e-3 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
-    return model, (X, y), bundle.test, prior
+    model, bundle, prior = nearest_mean_classifier(n=600, d=6, prior_seed=3)
+    return model, bundle.train, bundle.test, prior
 
 
 def test_diagonal_gaussian_kl_matches_torch_distributions():
@@ -193,8 +183,8 @@ def _trained_tiny_cnn(seed=0):
     return model.eval(), (X, y), (Xt.view(-1, 1, 6, 6), yt), prior
 
 
-@pytest.mark.parametrize("options", [dict(), dict(optimise_mean=True, mean_lr=3e-3),
-                                     dict(variance="parameter", prior_groups="layer")])
+@pytest.mark.parametrize("options", [{}, {"optimise_mean": True, "mean_lr": 3e-3},
+                                     {"variance": "parameter", "prior_groups": "layer"}])
 def test_bound_never_falls_below_the_measured_test_error(options):
     model, data, test, prior = _trained_tiny_cnn()
     r = optimised_certificate(model, data, prior, test_data=test, steps=150, n_mc=200, n_mc_test=100, seed=0,
@@ -256,11 +246,11 @@ def test_model_is_untouched_and_run_is_reproducible(separable):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(delta=0.0), "delta"), (dict(delta=0.05, delta_mc=0.05), "delta_mc"), (dict(variance="block"), "variance"),
-    (dict(objective="catoni"), "objective"), (dict(lambda_grid=()), "lambda_grid"), (dict(steps=0), "steps"),
-    (dict(prior_split=0.5), "prior_trainer"), (dict(prior_trainer=lambda p, s: s), "prior_split"),
-    (dict(mean_start="prior"), "optimise_mean"), (dict(prior_groups="head"), "head"),
-    (dict(prior_split=1.5, prior_trainer=lambda p, s: s), "prior_split"),
+    ({"delta": 0.0}, "delta"), ({"delta": 0.05, "delta_mc": 0.05}, "delta_mc"), ({"variance": "block"}, "variance"),
+    ({"objective": "catoni"}, "objective"), ({"lambda_grid": ()}, "lambda_grid"), ({"steps": 0}, "steps"),
+    ({"prior_split": 0.5}, "prior_trainer"), ({"prior_trainer": lambda p, s: s}, "prior_split"),
+    ({"mean_start": "prior"}, "optimise_mean"), ({"prior_groups": "head"}, "head"),
+    ({"prior_split": 1.5, "prior_trainer": lambda p, s: s}, "prior_split"),
 ])
 def test_bad_input_gives_one_clear_error(separable, kwargs, match):
     model, data, _, prior = separable

@@ -49,10 +49,10 @@ groups, split) or other seeds and keeping the best; each such choice needs its o
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,15 +60,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import pacbayes
-from .certificate import default_loss_max
-from ..errors import CheckpointError, DataError, NonFiniteError
+from ..errors import DataError, NonFiniteError
 from ..operators.params import computation_mode, make_blocks
 from ..results import PosteriorCertificateResult
 from ..stability import PerturbedEvaluator, gaussian_draws, make_generator
+from . import pacbayes
+from .batchnorm import fold_batchnorm
+from .certificate import default_loss_max
 
-__all__ = ["optimised_certificate", "fold_batchnorm", "split_for_prior", "DEFAULT_LAMBDA_GRID",
-           "OBJECTIVES", "VARIANCES"]
+__all__ = ["DEFAULT_LAMBDA_GRID", "MEAN_STARTS", "OBJECTIVES", "VARIANCES", "optimised_certificate",
+           "split_for_prior"]
 
 #: Prior scales λ (standard deviations), fixed before seeing any data: 41 values, geometric from 1e-4
 #: to 1 (ten per decade). Choosing one per prior group costs ln 41 ≈ 3.7 nats per group.
@@ -82,71 +83,8 @@ _HISTORY_POINTS = 20
 
 
 # --------------------------------------------------------------------------------------------
-# BatchNorm folding and the flat coordinates
+# flat coordinates
 # --------------------------------------------------------------------------------------------
-def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def fold_batchnorm(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> tuple[nn.Module, tuple]:
-    """A deep copy of ``model`` (with ``state`` loaded first, when given) in eval mode in which every
-    BatchNorm layer computes its eval-mode map ``γ(x − m)/√(v + ε) + β`` as ``a·x + b``:
-    weight ← a = γ/√(v + ε), bias ← b = β − m·a, running mean ← 0, running variance ← 1 − ε.
-
-    The copy computes the same function as the original in eval mode (to rounding), and its
-    parameters carry the running statistics. ``model`` is not modified. Returns
-    ``(copy, names of the folded BatchNorm modules)``. Raises ValueError for a BatchNorm without
-    affine parameters or running statistics (its output would depend on the batch).
-    """
-    folded = copy.deepcopy(model)
-    if state is not None:
-        _load_prior_state(folded, state)
-    names = []
-    for name, module in _batchnorms(folded):
-        if not (module.affine and module.track_running_stats and module.running_mean is not None):
-            raise ValueError(f"BatchNorm {name!r} needs affine=True and running statistics to be folded "
-                             "(without them its output depends on the batch)")
-        if not 0.0 <= module.eps < 1.0:
-            raise ValueError(f"BatchNorm {name!r} has eps = {module.eps}; folding needs 0 ≤ eps < 1")
-        with torch.no_grad():
-            scale = module.weight / torch.sqrt(module.running_var + module.eps)
-            module.bias.copy_(module.bias - module.running_mean * scale)
-            module.weight.copy_(scale)
-            module.running_mean.zero_()
-            module.running_var.fill_(1.0 - module.eps)
-        names.append(name)
-    folded.eval()
-    return folded, tuple(names)
-
-
-def _load_prior_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load a prior state_dict into ``model`` (a private copy), insisting on every parameter and on
-    the running statistics of every BatchNorm layer; other buffers must equal the model's."""
-    if not isinstance(state, Mapping):
-        raise ValueError(f"prior_state must be a state_dict (a mapping of names to tensors), got {type(state).__name__}")
-    needed = dict(model.named_parameters())
-    for name, module in _batchnorms(model):
-        needed[f"{name}.running_mean"] = module.running_mean
-        needed[f"{name}.running_var"] = module.running_var
-    missing = [k for k in needed if k not in state]
-    if missing:
-        raise CheckpointError(f"prior_state does not fit the model: {len(missing)} entr(y/ies) missing, "
-                              f"first: {', '.join(missing[:3])}")
-    bad = [k for k, t in needed.items() if t is not None and (not isinstance(state[k], torch.Tensor)
-                                                                or tuple(state[k].shape) != tuple(t.shape))]
-    if bad:
-        raise CheckpointError(f"prior_state does not fit the model: shape mismatch at {', '.join(bad[:3])}")
-    with torch.no_grad():
-        for name, tensor in needed.items():
-            if tensor is not None:
-                tensor.copy_(state[name].to(tensor.device, tensor.dtype))
-    other = [(n, b) for n, b in model.named_buffers() if n not in needed and b.is_floating_point() and n in state]
-    moved = [n for n, b in other if not torch.equal(state[n].to(b.device, b.dtype), b)]
-    if moved:
-        raise ValueError(f"buffer(s) {', '.join(moved[:3])} differ between the model and the prior and are not "
-                         "BatchNorm statistics: a data-dependent buffer outside the posterior cannot be certified")
-
-
 def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).to(torch.float64).cpu() for _, p in model.named_parameters()])
 
@@ -180,7 +118,7 @@ def split_for_prior(data: Any, fraction: float, seed: int | None = 0):
         raise ValueError(f"prior_split must be a fraction in (0, 1), got {fraction!r}")
     X, y = _as_tensors(data, "data")
     n = y.shape[0]
-    k = int(round(fraction * n))
+    k = round(fraction * n)
     if not 0 < k < n:
         raise ValueError(f"prior_split = {fraction} leaves an empty part of the n = {n} samples")
     order = torch.randperm(n, generator=make_generator(seed))
@@ -428,10 +366,10 @@ def optimised_certificate(
     num_classes = _num_classes(posterior_model, X[:1].to(device, dtype))
     loss_max = default_loss_max(num_classes) if loss_max is None else _check_positive("loss_max", loss_max)
 
-    mu, log_s, lam2, history, final_objective = _optimise(
+    mu, log_s, history, final_objective = _optimise(
         posterior_model, named, blocks, X, y, w0 if mean_start == "prior" else w, w0, log_s, var_index, group, G, grid,
         steps=steps, lr=lr, mean_lr=mean_lr, optimise_mean=bool(optimise_mean),
-        refine_steps=int(round(refine_fraction * steps)), batch_size=batch_size, loss_max=loss_max,
+        refine_steps=round(refine_fraction * steps), batch_size=batch_size, loss_max=loss_max,
         n=n, confidence=confidence, objective=objective, seed=sub_seeds[0])
 
     sigma = torch.exp(log_s)[var_index]
@@ -450,8 +388,8 @@ def optimised_certificate(
     cert = pacbayes.certificate_bound(mc_error, n_mc, kl, n, delta, delta_mc=delta_mc, grid_size=K ** G)
     train_error = bound_eval.evaluate_base(_zero_one)
 
-    test = dict(test_error=None, posterior_test_error=None, posterior_test_stderr=None, mean_test_error=None,
-                n_test=0, n_mc_test=0)
+    test = {"test_error": None, "posterior_test_error": None, "posterior_test_stderr": None,
+            "mean_test_error": None, "n_test": 0, "n_mc_test": 0}
     if test_data is not None:
         Xt, yt = _as_tensors(test_data, "test_data")
         test_eval = PerturbedEvaluator(posterior_model, _eval_batches(Xt, yt), mode="eval", chunk_size=chunk_size)
@@ -480,7 +418,7 @@ def optimised_certificate(
         variance=variance, layers=tuple(names), layer_sigma=layer_sigma,
         optimise_mean=bool(optimise_mean), mean_shift=float(shift.norm()), dist=float((mu - w0).norm()),
         dist_checkpoint=float((w - w0).norm()),
-        objective=objective, loss_max=float(loss_max), steps=steps, refine_steps=int(round(refine_fraction * steps)),
+        objective=objective, loss_max=float(loss_max), steps=steps, refine_steps=round(refine_fraction * steps),
         lr=lr, mean_lr=mean_lr if optimise_mean else None, batch_size=batch_size,
         hessian_init=hessian_diagonal is not None, final_objective=final_objective,
         folded_batchnorm=folded, dim=dim, seed=seed, evaluations=evaluations,
@@ -533,7 +471,7 @@ def _grid_kl(mu, sigma, w0, group, num_groups, grid):
 
 def _optimise(model, named, blocks, X, y, mu0, w0, log_s0, var_index, group, num_groups, grid, *, steps, lr, mean_lr,
               optimise_mean, refine_steps, batch_size, loss_max, n, confidence, objective, seed):
-    """Adam on log s (and μ): minimise the surrogate bound. Returns (μ, log s, λ², history, last value)."""
+    """Adam on log s (and μ): minimise the surrogate bound. Returns (μ, log s, history, last value)."""
     dtype, device = named[0][1].dtype, named[0][1].device
     generator = make_generator(seed)
     mu = mu0.clone().requires_grad_(optimise_mean)
@@ -576,9 +514,7 @@ def _optimise(model, named, blocks, X, y, mu0, w0, log_s0, var_index, group, num
             value = float(total.detach())
             if step % every == 0 or step == steps - 1:
                 history.append((step, value, float(loss.detach()), float(kl.detach())))
-    lam2 = lam2 if lam2 is not None else _snap(_profile_lam2(mu.detach(), log_s.detach()[var_index], w0, group,
-                                                             num_groups, bounds), grid)
-    return mu.detach(), log_s.detach(), lam2, tuple(history), value
+    return mu.detach(), log_s.detach(), tuple(history), value
 
 
 def _snap(lam2: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
