@@ -80,9 +80,10 @@ SETTINGS = {
 QUICK = {"steps": 30, "n_mc": 50, "n_mc_test": 10}
 
 
-def pretrain(cache: Path) -> Path:
-    return train(TrainConfig(model="resnet", data="builtin:digits-pretrain", lr=0.05, schedule="cosine", epochs=12,
-                             batch_size=32, seed=0), cache / "pretrain", resume=True)
+def pretrain(cache: Path, epochs: int = 12) -> Path:
+    return train(TrainConfig(model="resnet", data="builtin:digits-pretrain", lr=0.05, schedule="cosine",
+                             epochs=epochs, batch_size=32, seed=0),
+                 cache / ("pretrain" if epochs == 12 else f"pretrain-e{epochs}"), resume=True)
 
 
 def finetune(cache: Path, pre: Path, method: str, seed: int, recipe: dict) -> Path:
@@ -128,6 +129,8 @@ def recipe_trainer(run_dir: Path, epochs: int):
 
 def run_cell(cache: Path, pre: Path, setting: str, method: str, seed: int, quick: bool) -> dict:
     recipe, options, prior_epochs = SETTINGS[setting]
+    if quick:
+        recipe, prior_epochs = dict(recipe, epochs=1), prior_epochs and 1
     run_dir = finetune(cache, pre, method, seed, recipe)
     bundle = load_data(f"builtin:digits-finetune?per_class={recipe['per_class']}")
     model = build_run_model(run_dir, "final.pt")
@@ -218,7 +221,7 @@ def main(argv=None) -> None:
     store = out / "bench_bound.json"
     rows = [] if args.quick or not store.is_file() else read_json(store)["rows"]
     done = {(row["setting"], row["method"], row["seed"]) for row in rows}
-    pre = pretrain(cache)
+    pre = pretrain(cache, 1 if args.quick else 12)
     for setting, methods, seeds in plan:
         for method in methods:
             for seed in seeds:
