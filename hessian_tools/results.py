@@ -445,9 +445,10 @@ class PosteriorCertificateResult(Result):
 
     Parts: ``mc_error`` ± ``mc_stderr`` (mean 0-1 error of the drawn networks on the bound set),
     ``mc_upper`` = kl⁻¹(mc_error, ln(2/δ_mc)/n_mc), ``kl`` (``kl_mean`` of it from ‖μ − W0‖, the rest
-    from the variances; ``group_kl`` per prior group; ``kl_floor`` = Σ_i ½ ln(1 + (μ_i − W0_i)²/s_i²), the
-    smallest KL that ANY diagonal Gaussian prior centred at W0 could give this posterior), ``grid_cost`` = G·ln K for the λ chosen per group
-    (``lambdas``, indices into ``lambda_grid``), ``kl_term`` = (KL + grid_cost + ln(2√n/δ_bound))/n.
+    from the variances; ``group_kl`` per prior group; ``kl_floor`` = Σ_i ½ ln(1 + (μ_i − W0_i)²/s_i²),
+    the smallest KL that ANY diagonal Gaussian prior centred at W0 could give this posterior),
+    ``grid_cost`` = G·ln K for the λ chosen per group (``lambdas``, indices into ``lambda_grid``),
+    ``kl_term`` = (KL + grid_cost + ln(2√n/δ_bound))/n.
     ``delta = delta_bound + delta_mc``. ``train_error``/``test_error``: the checkpoint W itself;
     ``posterior_test_error`` ± ``posterior_test_stderr``: networks drawn from Q (``n_mc_test`` draws);
     ``mean_test_error``: the network μ (only with ``optimise_mean``). ``prior`` is "pre-trained" or

@@ -1,6 +1,7 @@
 """Optimised-posterior PAC-Bayes certificate: KL against torch.distributions, the bound's arithmetic
 rebuilt by hand from its parts, union-bound bookkeeping, BatchNorm folding, a synthetic case where the
 optimised posterior must beat the isotropic certificate, and the bound staying above measured test error."""
+
 import math
 
 import pytest
@@ -38,12 +39,15 @@ def separable():
 
 def test_diagonal_gaussian_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
-    mu, prior = torch.randn(40, generator=g, dtype=torch.float64), torch.randn(40, generator=g, dtype=torch.float64)
+    mu, prior = (
+        torch.randn(40, generator=g, dtype=torch.float64),
+        torch.randn(40, generator=g, dtype=torch.float64),
+    )
     log_s = 0.3 * torch.randn(40, generator=g, dtype=torch.float64) - 1.0
     group = torch.tensor([0] * 15 + [1] * 25)
     lam = torch.tensor([0.4, 1.7], dtype=torch.float64)
     expected = kl_divergence(Normal(mu, log_s.exp()), Normal(prior, lam[group])).sum()
-    assert float(post._kl_torch(mu, log_s, prior, lam ** 2, group)) == pytest.approx(float(expected), rel=1e-12)
+    assert float(post._kl_torch(mu, log_s, prior, lam**2, group)) == pytest.approx(float(expected), rel=1e-12)
     # the profiled λ² is the per-group minimiser: nudging it either way raises the KL
     lam2 = post._profile_lam2(mu, log_s, prior, group, 2, (1e-6, 1e6))
     best = float(post._kl_torch(mu, log_s, prior, lam2, group))
@@ -57,7 +61,10 @@ def test_diagonal_gaussian_kl_matches_torch_distributions():
     kls, index = post._grid_kl(mu, log_s.exp(), prior, group, 2, grid)
     for g_ in range(2):
         sel = group == g_
-        brute = [float(kl_divergence(Normal(mu[sel], log_s.exp()[sel]), Normal(prior[sel], lam_)).sum()) for lam_ in grid]
+        brute = [
+            float(kl_divergence(Normal(mu[sel], log_s.exp()[sel]), Normal(prior[sel], lam_)).sum())
+            for lam_ in grid
+        ]
         assert index[g_] == min(range(len(grid)), key=brute.__getitem__)
         assert kls[g_] == pytest.approx(min(brute), rel=1e-10)
 
@@ -66,7 +73,12 @@ def test_bound_is_rebuilt_from_its_parts_by_hand(separable):
     model, data, test, prior = separable
     r = optimised_certificate(model, data, prior, test_data=test, delta=0.05, seed=0, **FAST)
     n, K = data[1].shape[0], len(DEFAULT_LAMBDA_GRID)
-    assert r.n == n and r.n_mc == 64 and r.delta_mc == pytest.approx(0.01) and r.delta_bound == pytest.approx(0.04)
+    assert (
+        r.n == n
+        and r.n_mc == 64
+        and r.delta_mc == pytest.approx(0.01)
+        and r.delta_bound == pytest.approx(0.04)
+    )
     assert r.grid_cost == pytest.approx(math.log(K))
     assert r.kl_term == pytest.approx((r.kl + math.log(K) + math.log(2 * math.sqrt(n) / 0.04)) / n, rel=1e-12)
     # each kl-inverse lands on its level set, from above
@@ -81,8 +93,10 @@ def test_bound_is_rebuilt_from_its_parts_by_hand(separable):
     assert result_from_dict(r.to_dict()) == r
 
 
-@pytest.mark.parametrize("groups, expected", [(None, ("all",)), ("layer", ("weight", "bias")),
-                                              ({"weight": "w", "bias": "b"}, ("w", "b"))])
+@pytest.mark.parametrize(
+    "groups, expected",
+    [(None, ("all",)), ("layer", ("weight", "bias")), ({"weight": "w", "bias": "b"}, ("w", "b"))],
+)
 def test_each_prior_group_pays_ln_k(separable, groups, expected):
     model, data, _, prior = separable
     grid = (0.01, 0.1, 1.0)
@@ -183,12 +197,15 @@ def _trained_tiny_cnn(seed=0):
     return model.eval(), (X, y), (Xt.view(-1, 1, 6, 6), yt), prior
 
 
-@pytest.mark.parametrize("options", [{}, {"optimise_mean": True, "mean_lr": 3e-3},
-                                     {"variance": "parameter", "prior_groups": "layer"}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"optimise_mean": True, "mean_lr": 3e-3}, {"variance": "parameter", "prior_groups": "layer"}],
+)
 def test_bound_never_falls_below_the_measured_test_error(options):
     model, data, test, prior = _trained_tiny_cnn()
-    r = optimised_certificate(model, data, prior, test_data=test, steps=150, n_mc=200, n_mc_test=100, seed=0,
-                              **options)
+    r = optimised_certificate(
+        model, data, prior, test_data=test, steps=150, n_mc=200, n_mc_test=100, seed=0, **options
+    )
     assert r.posterior_test_error <= r.bound and r.test_error < 0.2
     assert r.optimise_mean == options.get("optimise_mean", False)
     if r.optimise_mean:
@@ -205,8 +222,9 @@ def test_data_dependent_prior_trains_on_its_part_only():
         seen["part"], seen["start"] = part, start
         return {k: v + 0.01 for k, v in model.state_dict().items()}
 
-    r = optimised_certificate(model, data, prior, test_data=test, prior_split=0.5, prior_trainer=trainer,
-                              seed=4, **FAST)
+    r = optimised_certificate(
+        model, data, prior, test_data=test, prior_split=0.5, prior_trainer=trainer, seed=4, **FAST
+    )
     half = data[1].shape[0] // 2
     assert r.prior == "data-dependent" and r.n_prior == half and r.n == half and r.prior_split == 0.5
     assert seen["part"][1].shape[0] == half and seen["start"] is prior
@@ -245,13 +263,22 @@ def test_model_is_untouched_and_run_is_reproducible(separable):
     assert a.bound == b.bound and a.layer_sigma == b.layer_sigma and a.mean_shift == b.mean_shift
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"delta": 0.0}, "delta"), ({"delta": 0.05, "delta_mc": 0.05}, "delta_mc"), ({"variance": "block"}, "variance"),
-    ({"objective": "catoni"}, "objective"), ({"lambda_grid": ()}, "lambda_grid"), ({"steps": 0}, "steps"),
-    ({"prior_split": 0.5}, "prior_trainer"), ({"prior_trainer": lambda p, s: s}, "prior_split"),
-    ({"mean_start": "prior"}, "optimise_mean"), ({"prior_groups": "head"}, "head"),
-    ({"prior_split": 1.5, "prior_trainer": lambda p, s: s}, "prior_split"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 0.05, "delta_mc": 0.05}, "delta_mc"),
+        ({"variance": "block"}, "variance"),
+        ({"objective": "catoni"}, "objective"),
+        ({"lambda_grid": ()}, "lambda_grid"),
+        ({"steps": 0}, "steps"),
+        ({"prior_split": 0.5}, "prior_trainer"),
+        ({"prior_trainer": lambda p, s: s}, "prior_split"),
+        ({"mean_start": "prior"}, "optimise_mean"),
+        ({"prior_groups": "head"}, "head"),
+        ({"prior_split": 1.5, "prior_trainer": lambda p, s: s}, "prior_split"),
+    ],
+)
 def test_bad_input_gives_one_clear_error(separable, kwargs, match):
     model, data, _, prior = separable
     with pytest.raises(ValueError, match=match):

@@ -47,6 +47,7 @@ arithmetic.) Everything else — s, μ, the objective, the steps, the Hessian us
 depend on the data at no cost. What is NOT covered: re-running with other prior settings (grid,
 groups, split) or other seeds and keeping the best; each such choice needs its own union bound.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,14 @@ from . import pacbayes
 from .batchnorm import fold_batchnorm
 from .certificate import default_loss_max
 
-__all__ = ["DEFAULT_LAMBDA_GRID", "MEAN_STARTS", "OBJECTIVES", "VARIANCES", "optimised_certificate",
-           "split_for_prior"]
+__all__ = [
+    "DEFAULT_LAMBDA_GRID",
+    "MEAN_STARTS",
+    "OBJECTIVES",
+    "VARIANCES",
+    "optimised_certificate",
+    "split_for_prior",
+]
 
 #: Prior scales λ (standard deviations), fixed before seeing any data: 41 values, geometric from 1e-4
 #: to 1 (ten per decade). Choosing one per prior group costs ln 41 ≈ 3.7 nats per group.
@@ -94,19 +101,31 @@ def _flat(model: nn.Module) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def _as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One (X, y) pair from an (X, y) pair or an iterable of (inputs, targets) batches."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
-            and data[0].ndim > 0 and data[1].ndim > 0 and data[0].shape[0] == data[1].shape[0]:
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+        and data[0].ndim > 0
+        and data[1].ndim > 0
+        and data[0].shape[0] == data[1].shape[0]
+    ):
         X, y = data
     else:
         try:
             pairs = [(b[0], b[1]) for b in data]
         except (TypeError, IndexError):
-            raise DataError(f"{what} must be an (X, y) pair of tensors or an iterable of (X, y) batches") from None
-        if not pairs or not all(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) for a, b in pairs):
+            raise DataError(
+                f"{what} must be an (X, y) pair of tensors or an iterable of (X, y) batches"
+            ) from None
+        if not pairs or not all(
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) for a, b in pairs
+        ):
             raise DataError(f"{what} must hold at least one (X, y) batch of tensors")
         X, y = torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.ndim != 1:
-        raise DataError(f"{what}: targets must be a 1-d tensor of class indices, got {y.dtype} of shape {tuple(y.shape)}")
+        raise DataError(
+            f"{what}: targets must be a 1-d tensor of class indices, got {y.dtype} of shape {tuple(y.shape)}"
+        )
     return X, y.long()
 
 
@@ -147,7 +166,9 @@ def _group_labels(names: Sequence[str], prior_groups) -> list[str]:
         return [str(prior_groups[n]) for n in names]
     if callable(prior_groups):
         return [str(prior_groups(n)) for n in names]
-    raise ValueError(f"prior_groups must be None, 'head', 'layer', a mapping or a callable, got {prior_groups!r}")
+    raise ValueError(
+        f"prior_groups must be None, 'head', 'layer', a mapping or a callable, got {prior_groups!r}"
+    )
 
 
 def _check_grid(grid) -> np.ndarray:
@@ -176,7 +197,9 @@ def _hessian_vector(hessian_diagonal, model: nn.Module, folded: Sequence[str], d
         h = torch.as_tensor(hessian_diagonal).reshape(-1)
     h = h.detach().to(torch.float64).cpu().abs().clone()
     if h.numel() != dim or not bool(torch.isfinite(h).all()):
-        raise ValueError(f"hessian_diagonal must hold {dim} finite values (one per parameter), got {h.numel()}")
+        raise ValueError(
+            f"hessian_diagonal must hold {dim} finite values (one per parameter), got {h.numel()}"
+        )
     blocks = {b.name: b for b in make_blocks(list(model.named_parameters()))}
     for name in folded:
         module = model.get_submodule(name)
@@ -185,8 +208,15 @@ def _hessian_vector(hessian_diagonal, model: nn.Module, folded: Sequence[str], d
     return h
 
 
-def _initial_log_sigma(h: torch.Tensor | None, index: torch.Tensor, count: int, init_sigma: float,
-                       damping: float | None, budget: float, cap: float) -> torch.Tensor:
+def _initial_log_sigma(
+    h: torch.Tensor | None,
+    index: torch.Tensor,
+    count: int,
+    init_sigma: float,
+    damping: float | None,
+    budget: float,
+    cap: float,
+) -> torch.Tensor:
     """log s at the start: ``init_sigma`` everywhere, or s_i² = κ/(|H_ii| + c) (per layer: the layer's
     mean |H_ii|), with κ such that the second-order loss increase ½ Σ_i |H_ii| s_i² equals ``budget``
     and c = ``damping`` (default: the mean |H_ii|); capped at the largest prior scale."""
@@ -238,7 +268,9 @@ def _check_positive(name, value, integer=False, allow_zero=False):
     ok = ok and (value >= 0 if allow_zero else value > 0) and (not integer or int(value) == value)
     if not ok:
         kind = "integer" if integer else "number"
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
+        raise ValueError(
+            f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}"
+        )
     return int(value) if integer else float(value)
 
 
@@ -317,14 +349,17 @@ def optimised_certificate(
     steps = _check_positive("steps", steps, integer=True)
     n_mc = _check_positive("n_mc", n_mc, integer=True)
     n_mc_test = _check_positive("n_mc_test", n_mc_test, integer=True)
-    lr, mean_lr, init_sigma = (_check_positive(k, v) for k, v in (("lr", lr), ("mean_lr", mean_lr),
-                                                                 ("init_sigma", init_sigma)))
+    lr, mean_lr, init_sigma = (
+        _check_positive(k, v) for k, v in (("lr", lr), ("mean_lr", mean_lr), ("init_sigma", init_sigma))
+    )
     noise_budget = _check_positive("noise_budget", noise_budget)
     if not isinstance(refine_fraction, (int, float)) or not 0.0 <= refine_fraction < 1.0:
         raise ValueError(f"refine_fraction must be in [0, 1), got {refine_fraction!r}")
     if batch_size is not None:
         batch_size = _check_positive("batch_size", batch_size, integer=True)
-    sub_seeds = [None] * 4 if seed is None else [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(4)]
+    sub_seeds = (
+        [None] * 4 if seed is None else [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(4)]
+    )
 
     X, y = _as_tensors(data, "data")
     n_prior, prior_label = 0, "pre-trained"
@@ -362,21 +397,43 @@ def optimised_certificate(
     var_index = block_of if variance == "layer" else torch.arange(dim)
     units = len(blocks) if variance == "layer" else dim
     h = None if hessian_diagonal is None else _hessian_vector(hessian_diagonal, model, folded, dim)
-    log_s = _initial_log_sigma(h, var_index, units, init_sigma, hessian_damping, noise_budget, float(grid[-1]))
+    log_s = _initial_log_sigma(
+        h, var_index, units, init_sigma, hessian_damping, noise_budget, float(grid[-1])
+    )
     num_classes = _num_classes(posterior_model, X[:1].to(device, dtype))
     loss_max = default_loss_max(num_classes) if loss_max is None else _check_positive("loss_max", loss_max)
 
     mu, log_s, history, final_objective = _optimise(
-        posterior_model, named, blocks, X, y, w0 if mean_start == "prior" else w, w0, log_s, var_index, group, G, grid,
-        steps=steps, lr=lr, mean_lr=mean_lr, optimise_mean=bool(optimise_mean),
-        refine_steps=round(refine_fraction * steps), batch_size=batch_size, loss_max=loss_max,
-        n=n, confidence=confidence, objective=objective, seed=sub_seeds[0])
+        posterior_model,
+        named,
+        blocks,
+        X,
+        y,
+        w0 if mean_start == "prior" else w,
+        w0,
+        log_s,
+        var_index,
+        group,
+        G,
+        grid,
+        steps=steps,
+        lr=lr,
+        mean_lr=mean_lr,
+        optimise_mean=bool(optimise_mean),
+        refine_steps=round(refine_fraction * steps),
+        batch_size=batch_size,
+        loss_max=loss_max,
+        n=n,
+        confidence=confidence,
+        objective=objective,
+        seed=sub_seeds[0],
+    )
 
     sigma = torch.exp(log_s)[var_index]
     kls, lam_index = _grid_kl(mu, sigma, w0, group, G, grid)
     kl = float(sum(kls))
     kl_mean = 0.5 * float(((mu - w0) ** 2 / torch.as_tensor(grid[lam_index])[group] ** 2).sum())
-    kl_floor = 0.5 * float(torch.log1p((mu - w0) ** 2 / sigma ** 2).sum())
+    kl_floor = 0.5 * float(torch.log1p((mu - w0) ** 2 / sigma**2).sum())
 
     evaluations = steps
     bound_eval = PerturbedEvaluator(posterior_model, _eval_batches(X, y), mode="eval", chunk_size=chunk_size)
@@ -385,46 +442,95 @@ def optimised_certificate(
     evaluations += n_mc
     mc_error = float(train_errors.mean().clamp(0.0, 1.0))
     mc_stderr = float(train_errors.std()) / math.sqrt(n_mc) if n_mc > 1 else math.inf
-    cert = pacbayes.certificate_bound(mc_error, n_mc, kl, n, delta, delta_mc=delta_mc, grid_size=K ** G)
+    cert = pacbayes.certificate_bound(mc_error, n_mc, kl, n, delta, delta_mc=delta_mc, grid_size=K**G)
     train_error = bound_eval.evaluate_base(_zero_one)
 
-    test = {"test_error": None, "posterior_test_error": None, "posterior_test_stderr": None,
-            "mean_test_error": None, "n_test": 0, "n_mc_test": 0}
+    test = {
+        "test_error": None,
+        "posterior_test_error": None,
+        "posterior_test_stderr": None,
+        "mean_test_error": None,
+        "n_test": 0,
+        "n_mc_test": 0,
+    }
     if test_data is not None:
         Xt, yt = _as_tensors(test_data, "test_data")
-        test_eval = PerturbedEvaluator(posterior_model, _eval_batches(Xt, yt), mode="eval", chunk_size=chunk_size)
+        test_eval = PerturbedEvaluator(
+            posterior_model, _eval_batches(Xt, yt), mode="eval", chunk_size=chunk_size
+        )
         test_errors = _draw_errors(test_eval, shift, sigma, n_mc_test, sub_seeds[2])
         evaluations += n_mc_test
-        test.update(test_error=test_eval.evaluate_base(_zero_one), n_test=int(yt.shape[0]), n_mc_test=n_mc_test,
-                    posterior_test_error=float(test_errors.mean()),
-                    posterior_test_stderr=float(test_errors.std()) / math.sqrt(n_mc_test) if n_mc_test > 1 else math.inf)
+        test.update(
+            test_error=test_eval.evaluate_base(_zero_one),
+            n_test=int(yt.shape[0]),
+            n_mc_test=n_mc_test,
+            posterior_test_error=float(test_errors.mean()),
+            posterior_test_stderr=float(test_errors.std()) / math.sqrt(n_mc_test)
+            if n_mc_test > 1
+            else math.inf,
+        )
         if optimise_mean:
             test["mean_test_error"] = float(test_eval.evaluate(_zero_one, shift.unsqueeze(0))[0])
 
     s_unit = torch.exp(log_s)
-    layer_sigma = tuple(float(s_unit[i]) if variance == "layer" else
-                        float(s_unit[b.slice].pow(2).mean().sqrt()) for i, b in enumerate(blocks))
-    mean_label = "optimised mean μ (the certified network is N(μ, diag s²), not the checkpoint)" \
-        if optimise_mean else "mean at the checkpoint W"
+    layer_sigma = tuple(
+        float(s_unit[i]) if variance == "layer" else float(s_unit[b.slice].pow(2).mean().sqrt())
+        for i, b in enumerate(blocks)
+    )
+    mean_label = (
+        "optimised mean μ (the certified network is N(μ, diag s²), not the checkpoint)"
+        if optimise_mean
+        else "mean at the checkpoint W"
+    )
     return PosteriorCertificateResult(
-        bound=cert["bound"], delta=delta, delta_bound=delta_bound, delta_mc=delta_mc, n=n,
-        kl=kl, kl_mean=kl_mean, kl_floor=kl_floor, kl_term=cert["kl_term"], grid_cost=grid_cost,
-        mc_error=mc_error, mc_stderr=mc_stderr, mc_upper=cert["emp_risk_upper"], n_mc=n_mc,
-        train_error=train_error, **test,
-        prior=prior_label, prior_split=None if prior_split is None else float(prior_split), n_prior=n_prior,
-        lambda_grid=tuple(float(g) for g in grid), prior_groups=tuple(group_names),
-        lambdas=tuple(float(grid[i]) for i in lam_index), lambda_indices=tuple(int(i) for i in lam_index),
+        bound=cert["bound"],
+        delta=delta,
+        delta_bound=delta_bound,
+        delta_mc=delta_mc,
+        n=n,
+        kl=kl,
+        kl_mean=kl_mean,
+        kl_floor=kl_floor,
+        kl_term=cert["kl_term"],
+        grid_cost=grid_cost,
+        mc_error=mc_error,
+        mc_stderr=mc_stderr,
+        mc_upper=cert["emp_risk_upper"],
+        n_mc=n_mc,
+        train_error=train_error,
+        **test,
+        prior=prior_label,
+        prior_split=None if prior_split is None else float(prior_split),
+        n_prior=n_prior,
+        lambda_grid=tuple(float(g) for g in grid),
+        prior_groups=tuple(group_names),
+        lambdas=tuple(float(grid[i]) for i in lam_index),
+        lambda_indices=tuple(int(i) for i in lam_index),
         group_kl=tuple(float(k) for k in kls),
-        variance=variance, layers=tuple(names), layer_sigma=layer_sigma,
-        optimise_mean=bool(optimise_mean), mean_shift=float(shift.norm()), dist=float((mu - w0).norm()),
+        variance=variance,
+        layers=tuple(names),
+        layer_sigma=layer_sigma,
+        optimise_mean=bool(optimise_mean),
+        mean_shift=float(shift.norm()),
+        dist=float((mu - w0).norm()),
         dist_checkpoint=float((w - w0).norm()),
-        objective=objective, loss_max=float(loss_max), steps=steps, refine_steps=round(refine_fraction * steps),
-        lr=lr, mean_lr=mean_lr if optimise_mean else None, batch_size=batch_size,
-        hessian_init=hessian_diagonal is not None, final_objective=final_objective,
-        folded_batchnorm=folded, dim=dim, seed=seed, evaluations=evaluations,
-        wall_time_s=time.perf_counter() - start, history=history,
+        objective=objective,
+        loss_max=float(loss_max),
+        steps=steps,
+        refine_steps=round(refine_fraction * steps),
+        lr=lr,
+        mean_lr=mean_lr if optimise_mean else None,
+        batch_size=batch_size,
+        hessian_init=hessian_diagonal is not None,
+        final_objective=final_objective,
+        folded_batchnorm=folded,
+        dim=dim,
+        seed=seed,
+        evaluations=evaluations,
+        wall_time_s=time.perf_counter() - start,
+        history=history,
         label=f"posterior N(μ, diag s²), {mean_label}, s per {variance}; prior N(W0, λ²I) per group "
-              f"({', '.join(group_names)}) at the {prior_label} weights",
+        f"({', '.join(group_names)}) at the {prior_label} weights",
     )
 
 
@@ -432,7 +538,9 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), computation_mode(model, "eval"):
         out = model(x)
     if out.ndim != 2 or out.shape[1] < 2:
-        raise ValueError(f"the model must return logits of shape (batch, classes ≥ 2), got {tuple(out.shape)}")
+        raise ValueError(
+            f"the model must return logits of shape (batch, classes ≥ 2), got {tuple(out.shape)}"
+        )
     return int(out.shape[1])
 
 
@@ -441,7 +549,7 @@ def _zero_one(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _eval_batches(X, y):
-    return [(X[i:i + _EVAL_BATCH], y[i:i + _EVAL_BATCH]) for i in range(0, y.shape[0], _EVAL_BATCH)]
+    return [(X[i : i + _EVAL_BATCH], y[i : i + _EVAL_BATCH]) for i in range(0, y.shape[0], _EVAL_BATCH)]
 
 
 def _draw_errors(evaluator: PerturbedEvaluator, shift, sigma, count: int, seed) -> torch.Tensor:
@@ -469,8 +577,32 @@ def _grid_kl(mu, sigma, w0, group, num_groups, grid):
     return kls, index
 
 
-def _optimise(model, named, blocks, X, y, mu0, w0, log_s0, var_index, group, num_groups, grid, *, steps, lr, mean_lr,
-              optimise_mean, refine_steps, batch_size, loss_max, n, confidence, objective, seed):
+def _optimise(
+    model,
+    named,
+    blocks,
+    X,
+    y,
+    mu0,
+    w0,
+    log_s0,
+    var_index,
+    group,
+    num_groups,
+    grid,
+    *,
+    steps,
+    lr,
+    mean_lr,
+    optimise_mean,
+    refine_steps,
+    batch_size,
+    loss_max,
+    n,
+    confidence,
+    objective,
+    seed,
+):
     """Adam on log s (and μ): minimise the surrogate bound. Returns (μ, log s, history, last value)."""
     dtype, device = named[0][1].dtype, named[0][1].device
     generator = make_generator(seed)
@@ -494,7 +626,7 @@ def _optimise(model, named, blocks, X, y, mu0, w0, log_s0, var_index, group, num
             else:
                 if order is None or position + batch_size > n:
                     order, position = torch.randperm(n, generator=generator), 0
-                idx = order[position:position + batch_size]
+                idx = order[position : position + batch_size]
                 position += batch_size
                 xb, yb = Xd[idx], yd[idx]
             log_s_flat = log_s[var_index]
@@ -503,11 +635,15 @@ def _optimise(model, named, blocks, X, y, mu0, w0, log_s0, var_index, group, num
             params = {b.name: draw[b.slice].view(b.shape) for b in blocks}
             outputs = functional_call(model, {**frozen, **params}, (xb,))
             loss = F.cross_entropy(outputs, yb, reduction="none").clamp(max=loss_max).mean() / loss_max
-            current = lam2 if lam2 is not None else _profile_lam2(mu, log_s_flat, w0, group, num_groups, bounds)
+            current = (
+                lam2 if lam2 is not None else _profile_lam2(mu, log_s_flat, w0, group, num_groups, bounds)
+            )
             kl = _kl_torch(mu, log_s_flat, w0, current, group)
             total = _surrogate_bound(loss.to(torch.float64), kl, n, confidence, objective)
             if not bool(torch.isfinite(total)):
-                raise NonFiniteError(f"the PAC-Bayes objective became non-finite at step {step}: lower lr / mean_lr")
+                raise NonFiniteError(
+                    f"the PAC-Bayes objective became non-finite at step {step}: lower lr / mean_lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
