@@ -38,7 +38,9 @@ from hessian_tools.app.io import atomic_write_json, atomic_write_text, read_json
 from hessian_tools.app.runs import TrainConfig, build_run_model, learning_rate, train  # noqa: E402
 from hessian_tools.app.zoo.data import batches, load_data  # noqa: E402
 from hessian_tools.optim import make_optimizer  # noqa: E402
-from hessian_tools.stability import PerturbedEvaluator, gaussian_draws, make_generator  # noqa: E402
+from hessian_tools.estimators.probes import gaussian_rows  # noqa: E402
+from hessian_tools.seeding import seeded_generator  # noqa: E402
+from hessian_tools.stability import PerturbedEvaluator  # noqa: E402
 
 METHOD_OPTIONS = {"sgd": {}, "sam": {"rho": 0.05}, "nso": {"sigma": 0.03, "k": 1}}
 
@@ -222,7 +224,7 @@ def kl_floor_table(cache: Path, pre: Path, draws: int = 50) -> list[dict]:
         dist_sq = (flat[0] - flat[1]) ** 2
         evaluator = PerturbedEvaluator(posterior, bundle.train)
         for sigma in FLOOR_SIGMAS:
-            Z = gaussian_draws(make_generator(0), evaluator.dim, draws)
+            Z = gaussian_rows(seeded_generator(0)[0], evaluator.dim, draws)
             error = float(evaluator.evaluate(_zero_one, sigma * Z).mean())
             rows.append(
                 {

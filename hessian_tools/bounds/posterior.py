@@ -61,10 +61,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..checks import (
+    check_choice,
+    check_integer,
+    check_number,
+    check_open_unit_interval,
+    check_positive,
+    check_positive_numbers,
+)
 from ..errors import DataError, NonFiniteError
+from ..estimators.probes import gaussian_rows
 from ..operators.params import computation_mode, make_blocks
 from ..results import PosteriorCertificateResult
-from ..stability import PerturbedEvaluator, gaussian_draws, make_generator
+from ..seeding import resolve_seed, seeded_generator
+from ..stability import PerturbedEvaluator
+from ..stats import mean_and_stderr
 from . import pacbayes
 from .batchnorm import fold_batchnorm
 from .certificate import default_loss_max
@@ -133,14 +144,13 @@ def split_for_prior(data: Any, fraction: float, seed: int | None = 0):
     """Split ``data`` at random into ``(prior_part, bound_part)``: ``round(fraction·n)`` samples to
     train a data-dependent prior on, the rest to evaluate the bound on (a seeded permutation, so the
     split is independent of the labels). Each part is an (X, y) pair."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-        raise ValueError(f"prior_split must be a fraction in (0, 1), got {fraction!r}")
+    fraction = check_open_unit_interval("prior_split", fraction)
     X, y = _as_tensors(data, "data")
     n = y.shape[0]
     k = round(fraction * n)
     if not 0 < k < n:
         raise ValueError(f"prior_split = {fraction} leaves an empty part of the n = {n} samples")
-    order = torch.randperm(n, generator=make_generator(seed))
+    order = torch.randperm(n, generator=seeded_generator(seed)[0])
     return (X[order[:k]], y[order[:k]]), (X[order[k:]], y[order[k:]])
 
 
@@ -169,18 +179,6 @@ def _group_labels(names: Sequence[str], prior_groups) -> list[str]:
     raise ValueError(
         f"prior_groups must be None, 'head', 'layer', a mapping or a callable, got {prior_groups!r}"
     )
-
-
-def _check_grid(grid) -> np.ndarray:
-    try:
-        g = np.asarray([float(x) for x in grid], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"lambda_grid must be a sequence of numbers > 0, got {grid!r}") from None
-    if g.size == 0 or not np.all(np.isfinite(g)) or np.any(g <= 0):
-        raise ValueError("lambda_grid must hold at least one finite value > 0")
-    if np.unique(g).size != g.size:
-        raise ValueError("lambda_grid values must be distinct")
-    return np.sort(g)
 
 
 def _hessian_vector(hessian_diagonal, model: nn.Module, folded: Sequence[str], dim: int) -> torch.Tensor:
@@ -263,17 +261,6 @@ def _surrogate_bound(loss, kl, n, confidence, objective):
 # --------------------------------------------------------------------------------------------
 # the certificate
 # --------------------------------------------------------------------------------------------
-def _check_positive(name, value, integer=False, allow_zero=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0) and (not integer or int(value) == value)
-    if not ok:
-        kind = "integer" if integer else "number"
-        raise ValueError(
-            f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}"
-        )
-    return int(value) if integer else float(value)
-
-
 def optimised_certificate(
     model: nn.Module,
     data: Any,
@@ -337,29 +324,31 @@ def optimised_certificate(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     delta, delta_bound, delta_mc = pacbayes.split_delta(delta, delta / 5.0 if delta_mc is None else delta_mc)
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
-    if mean_start not in MEAN_STARTS:
-        raise ValueError(f"mean_start must be one of {', '.join(MEAN_STARTS)}, got {mean_start!r}")
+    check_choice("variance", variance, VARIANCES)
+    check_choice("mean_start", mean_start, MEAN_STARTS)
     if mean_start == "prior" and not optimise_mean:
         raise ValueError("mean_start='prior' needs optimise_mean=True (a fixed mean stays at the checkpoint)")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    grid = _check_grid(lambda_grid)
-    steps = _check_positive("steps", steps, integer=True)
-    n_mc = _check_positive("n_mc", n_mc, integer=True)
-    n_mc_test = _check_positive("n_mc_test", n_mc_test, integer=True)
-    lr, mean_lr, init_sigma = (
-        _check_positive(k, v) for k, v in (("lr", lr), ("mean_lr", mean_lr), ("init_sigma", init_sigma))
+    check_choice("objective", objective, OBJECTIVES)
+    grid = np.sort(np.asarray(check_positive_numbers("lambda_grid", lambda_grid, distinct=True)))
+    steps, n_mc, n_mc_test = (
+        check_integer(k, v) for k, v in (("steps", steps), ("n_mc", n_mc), ("n_mc_test", n_mc_test))
     )
-    noise_budget = _check_positive("noise_budget", noise_budget)
-    if not isinstance(refine_fraction, (int, float)) or not 0.0 <= refine_fraction < 1.0:
-        raise ValueError(f"refine_fraction must be in [0, 1), got {refine_fraction!r}")
+    lr, mean_lr, init_sigma, noise_budget = (
+        check_positive(k, v)
+        for k, v in (
+            ("lr", lr),
+            ("mean_lr", mean_lr),
+            ("init_sigma", init_sigma),
+            ("noise_budget", noise_budget),
+        )
+    )
+    refine_fraction = check_number(
+        "refine_fraction", refine_fraction, minimum=0.0, maximum=1.0, open_maximum=True
+    )
     if batch_size is not None:
-        batch_size = _check_positive("batch_size", batch_size, integer=True)
-    sub_seeds = (
-        [None] * 4 if seed is None else [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(4)]
-    )
+        batch_size = check_integer("batch_size", batch_size)
+    seed = resolve_seed(seed)
+    sub_seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(4)]
 
     X, y = _as_tensors(data, "data")
     n_prior, prior_label = 0, "pre-trained"
@@ -401,7 +390,7 @@ def optimised_certificate(
         h, var_index, units, init_sigma, hessian_damping, noise_budget, float(grid[-1])
     )
     num_classes = _num_classes(posterior_model, X[:1].to(device, dtype))
-    loss_max = default_loss_max(num_classes) if loss_max is None else _check_positive("loss_max", loss_max)
+    loss_max = default_loss_max(num_classes) if loss_max is None else check_positive("loss_max", loss_max)
 
     mu, log_s, history, final_objective = _optimise(
         posterior_model,
@@ -440,8 +429,8 @@ def optimised_certificate(
     shift = mu - w
     train_errors = _draw_errors(bound_eval, shift, sigma, n_mc, sub_seeds[1])
     evaluations += n_mc
-    mc_error = float(train_errors.mean().clamp(0.0, 1.0))
-    mc_stderr = float(train_errors.std()) / math.sqrt(n_mc) if n_mc > 1 else math.inf
+    mc_error, mc_stderr = mean_and_stderr(train_errors)
+    mc_error = min(max(mc_error, 0.0), 1.0)
     cert = pacbayes.certificate_bound(mc_error, n_mc, kl, n, delta, delta_mc=delta_mc, grid_size=K**G)
     train_error = bound_eval.evaluate_base(_zero_one)
 
@@ -460,14 +449,13 @@ def optimised_certificate(
         )
         test_errors = _draw_errors(test_eval, shift, sigma, n_mc_test, sub_seeds[2])
         evaluations += n_mc_test
+        posterior_test_error, posterior_test_stderr = mean_and_stderr(test_errors)
         test.update(
             test_error=test_eval.evaluate_base(_zero_one),
             n_test=int(yt.shape[0]),
             n_mc_test=n_mc_test,
-            posterior_test_error=float(test_errors.mean()),
-            posterior_test_stderr=float(test_errors.std()) / math.sqrt(n_mc_test)
-            if n_mc_test > 1
-            else math.inf,
+            posterior_test_error=posterior_test_error,
+            posterior_test_stderr=posterior_test_stderr,
         )
         if optimise_mean:
             test["mean_test_error"] = float(test_eval.evaluate(_zero_one, shift.unsqueeze(0))[0])
@@ -554,11 +542,11 @@ def _eval_batches(X, y):
 
 def _draw_errors(evaluator: PerturbedEvaluator, shift, sigma, count: int, seed) -> torch.Tensor:
     """0-1 error of ``count`` fresh draws μ + s⊙Z (as offsets from W: shift + s⊙Z), block by block."""
-    generator = make_generator(seed)
+    generator, _ = seeded_generator(seed)
     step = max(64, evaluator.chunk_size or count)
     out = []
     for first in range(0, count, step):
-        Z = gaussian_draws(generator, evaluator.dim, min(step, count - first))
+        Z = gaussian_rows(generator, evaluator.dim, min(step, count - first))
         out.append(evaluator.evaluate(_zero_one, shift.unsqueeze(0) + sigma.unsqueeze(0) * Z))
     return torch.cat(out)
 
@@ -605,7 +593,7 @@ def _optimise(
 ):
     """Adam on log s (and μ): minimise the surrogate bound. Returns (μ, log s, history, last value)."""
     dtype, device = named[0][1].dtype, named[0][1].device
-    generator = make_generator(seed)
+    generator, _ = seeded_generator(seed)
     mu = mu0.clone().requires_grad_(optimise_mean)
     log_s = log_s0.clone().requires_grad_(True)
     groups = [{"params": [log_s], "lr": lr}] + ([{"params": [mu], "lr": mean_lr}] if optimise_mean else [])
