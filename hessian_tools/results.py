@@ -516,6 +516,92 @@ class HessianMeasuresResult(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class PosteriorCertificateResult(Result):
+    """A PAC-Bayes certificate for an optimised Gaussian posterior Q = N(μ, diag s²) against the prior
+    P = N(W0, diag λ_g²) (see :func:`hessian_tools.bounds.posterior.optimised_certificate`): with
+    probability ≥ 1 − ``delta`` over the ``n`` bound samples and the ``n_mc`` weight draws, a network
+    drawn from Q has expected 0-1 error ≤ ``bound`` on new data.
+
+    Parts: ``mc_error`` ± ``mc_stderr`` (mean 0-1 error of the drawn networks on the bound set),
+    ``mc_upper`` = kl⁻¹(mc_error, ln(2/δ_mc)/n_mc), ``kl`` (``kl_mean`` of it from ‖μ − W0‖, the rest
+    from the variances; ``group_kl`` per prior group; ``kl_floor`` = Σ_i ½ ln(1 + (μ_i − W0_i)²/s_i²),
+    the smallest KL that ANY diagonal Gaussian prior centred at W0 could give this posterior),
+    ``grid_cost`` = G·ln K for the λ chosen per group (``lambdas``, indices into ``lambda_grid``),
+    ``kl_term`` = (KL + grid_cost + ln(2√n/δ_bound))/n.
+    ``delta = delta_bound + delta_mc``. ``train_error``/``test_error``: the checkpoint W itself;
+    ``posterior_test_error`` ± ``posterior_test_stderr``: networks drawn from Q (``n_mc_test`` draws);
+    ``mean_test_error``: the network μ (only with ``optimise_mean``). ``prior`` is "pre-trained" or
+    "data-dependent" (then ``n_prior`` samples trained W0 and ``n`` counts the rest only).
+    ``layer_sigma``: s per parameter tensor (its RMS with ``variance="parameter"``). ``mean_shift`` =
+    ‖μ − W‖, ``dist`` = ‖μ − W0‖, ``dist_checkpoint`` = ‖W − W0‖ (folded coordinates). ``history``:
+    (step, objective, surrogate loss, KL) along the optimisation, each from one draw.
+    ``evaluations`` counts passes over a data set (optimisation steps + Monte-Carlo draws).
+    """
+
+    kind: ClassVar[str] = "posterior_certificate"
+    bound: float
+    delta: float
+    delta_bound: float
+    delta_mc: float
+    n: int
+    kl: float
+    kl_mean: float
+    kl_floor: float
+    kl_term: float
+    grid_cost: float
+    mc_error: float
+    mc_stderr: float
+    mc_upper: float
+    n_mc: int
+    train_error: float
+    test_error: float | None
+    posterior_test_error: float | None
+    posterior_test_stderr: float | None
+    mean_test_error: float | None
+    n_test: int
+    n_mc_test: int
+    prior: str
+    prior_split: float | None
+    n_prior: int
+    lambda_grid: tuple
+    prior_groups: tuple
+    lambdas: tuple
+    lambda_indices: tuple
+    group_kl: tuple
+    variance: str
+    layers: tuple
+    layer_sigma: tuple
+    optimise_mean: bool
+    mean_shift: float
+    dist: float
+    dist_checkpoint: float
+    objective: str
+    loss_max: float
+    steps: int
+    refine_steps: int
+    lr: float
+    mean_lr: float | None
+    batch_size: int | None
+    hessian_init: bool
+    final_objective: float
+    folded_batchnorm: tuple
+    dim: int
+    seed: int | None
+    evaluations: int
+    wall_time_s: float
+    history: tuple = ()
+    label: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = _tuples(data, "lambda_grid", "prior_groups", "lambdas", "lambda_indices", "group_kl", "layers",
+                       "layer_sigma", "folded_batchnorm")
+        if data.get("history") is not None:
+            data["history"] = tuple(tuple(row) for row in _from_jsonable(data["history"]))
+        return super().from_dict(data)
+
+
+@dataclasses.dataclass(frozen=True)
 class PairedDifference(Result):
     """tr(H_b) − tr(H_a) and the relative change tr(H_b)/tr(H_a) − 1, from the SAME probes.
 

@@ -101,3 +101,20 @@ class BlockedDense(DenseOperator):
         super().__init__(matrix)
         starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
         self.blocks = tuple(ParameterBlock(f"b{i}", a, b, (b - a,)) for i, (a, b) in enumerate(itertools.pairwise(starts)))
+
+
+def nearest_mean_classifier(n: int, d: int, prior_seed: int, classes: int = 3):
+    """A nearest-class-mean linear classifier on a well separated Gaussian mixture (low train error)
+    and a prior 1e-3 away from it (KL ≈ 0). Returns (model, bundle, prior state_dict)."""
+    from hessian_tools.app.zoo.data import synthetic_classification
+
+    bundle = synthetic_classification(n=n, d=d, num_classes=classes, seed=0, separation=3.0)
+    X, y = bundle.train
+    means = torch.stack([X[y == c].mean(0) for c in range(classes)])
+    model = nn.Linear(d, classes)
+    with torch.no_grad():
+        model.weight.copy_(means)
+        model.bias.copy_(-0.5 * (means * means).sum(1))
+    g = torch.Generator().manual_seed(prior_seed)
+    prior = {k: v.detach() + 1e-3 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    return model, bundle, prior

@@ -59,3 +59,21 @@ def test_diagonal_accuracy_quick_run(tmp_path):
     report = (tmp_path / "diagonal_accuracy.md").read_text()
     assert "## cnn — 1898 parameters" in report and "## resnet — 5037 parameters" in report
     assert json.loads((tmp_path / "diagonal_accuracy.json").read_text())["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_bound_benchmark_quick_run_writes_its_table(tmp_path):
+    sys.path.insert(0, str(ANALYSIS))
+    try:
+        import bench_bound
+    finally:
+        sys.path.remove(str(ANALYSIS))
+    bench_bound.main(["--quick", "--settings", "fixed50,dd50", "--methods", "sgd", "--out", str(tmp_path),
+                      "--cache", str(tmp_path / "runs")])
+    rows = json.loads((tmp_path / "bench_bound.json").read_text())["rows"]
+    assert [(r["setting"], r["method"], r["seed"]) for r in rows] == [("fixed50", "sgd", 0), ("dd50", "sgd", 0)]
+    assert rows[1]["result"]["prior"] == "data-dependent" and rows[1]["result"]["n"] == 125
+    for row in rows:
+        assert row["result"]["posterior_test_error"] <= row["result"]["bound"] <= 1
+    report = (tmp_path / "bench_bound.md").read_text()
+    assert "| fixed50 | 50/class" in report and "| dd50 | sgd | 0 | 125 |" in report
