@@ -577,7 +577,7 @@ def compute_truths(settings: Settings, tools_for, cache_dir, results: dict) -> d
             info["check"] = f"dense Hessian trace {float(torch.trace(H)):.10g} (rel. diff {abs(float(torch.trace(H)) - info['trace']) / abs(info['trace']):.1e})"
         elif settings.models[model_name].reference_hvps:
             ours, m = tools[0], settings.models[model_name].reference_hvps
-            ref = cached(problem, f"hutchpp{m}", lambda: ht.trace(ours.op, "hutchpp", max_matvecs=m, seed=12345).to_dict(), cache_dir)
+            ref = cached(problem, f"hutchpp{m}", lambda: ht.trace(ours.op, "hutchpp", max_hvps=m, seed=12345).to_dict(), cache_dir)
             half = 1.96 * ref["stderr"]
             agree = abs(ref["estimate"] - info["trace"]) <= 3 * ref["stderr"]
             info["check"] = (f"ours Hutch++, {m} HVPs: {ref['estimate']:.8g} ± {half:.2g} (95%, ±{half / abs(ref['estimate']):.2%}); "

@@ -146,7 +146,7 @@ class Ours(Tool):
 
     @property
     def hvps(self) -> int:
-        return self.op.matvecs
+        return self.op.hvps
 
     def block(self, V):
         return self.op.matmat(V)
@@ -160,13 +160,13 @@ class Ours(Tool):
         cap = min(2 * max(budgets), 2000)  # the adaptive rule's HVP ceiling: twice the largest fixed budget
         return {
             "hutchpp (rtol)": TraceConfig(
-                lambda r, s: ht.trace(op, "hutchpp", rtol=r, max_matvecs=cap, seed=s).estimate,
+                lambda r, s: ht.trace(op, "hutchpp", rtol=r, max_hvps=cap, seed=s).estimate,
                 [0.02, 0.01, 0.005, 0.0025, 0.001, 0.0005], "rtol"),
-            "hutchpp": TraceConfig(lambda b, s: ht.trace(op, "hutchpp", max_matvecs=int(b), seed=s).estimate,
+            "hutchpp": TraceConfig(lambda b, s: ht.trace(op, "hutchpp", max_hvps=int(b), seed=s).estimate,
                                    [b for b in fixed if b >= 6]),
-            "xtrace": TraceConfig(lambda b, s: ht.trace(op, "xtrace", max_matvecs=int(b), seed=s).estimate,
+            "xtrace": TraceConfig(lambda b, s: ht.trace(op, "xtrace", max_hvps=int(b), seed=s).estimate,
                                   [b for b in fixed if b >= 4]),
-            "hutchinson": TraceConfig(lambda b, s: ht.trace(op, "hutchinson", max_matvecs=int(b), seed=s).estimate, fixed),
+            "hutchinson": TraceConfig(lambda b, s: ht.trace(op, "hutchinson", max_hvps=int(b), seed=s).estimate, fixed),
         }
 
     def eigen_configs(self, k):
@@ -174,7 +174,7 @@ class Ours(Tool):
         tols = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
         return {
             "eigenvalues (lanczos)": EigenConfig(
-                lambda t, s: np.asarray(ht.eigenvalues(op, k=k, which="LA", tol=t, seed=s, max_matvecs=3000).values), tols),
+                lambda t, s: np.asarray(ht.eigenvalues(op, k=k, which="LA", tol=t, seed=s, max_hvps=3000).values), tols),
         }
 
 

@@ -13,13 +13,13 @@ print(op)
 
 t = ht.trace(op, rtol=0.01, seed=0)  # Hutch++, stops at 95% half-width ≤ 1%
 lo, hi = t.ci95
-print(f"trace {t.estimate:.4f}  95% CI [{lo:.4f}, {hi:.4f}]  ({t.matvecs} HVPs, seed {t.seed}, converged {t.converged})")
+print(f"trace {t.estimate:.4f}  95% CI [{lo:.4f}, {hi:.4f}]  ({t.hvps} HVPs, seed {t.seed}, converged {t.converged})")
 print("largest block traces:", sorted(((b.name, round(b.estimate, 3)) for b in t.blocks), key=lambda x: -x[1])[:2])
 
 top = ht.eigenvalues(op, k=3, which="LA", tol=1e-6)
 bottom = ht.eigenvalues(op, k=1, which="SA", tol=1e-6)
-print("top-3 eigenvalues", top.values.round(6), "residuals", top.residuals, f"({top.matvecs} HVPs)")
-print("smallest eigenvalue", bottom.values.round(6), f"({bottom.matvecs} HVPs)")
+print("top-3 eigenvalues", top.values.round(6), "residuals", top.residuals, f"({top.hvps} HVPs)")
+print("smallest eigenvalue", bottom.values.round(6), f"({bottom.hvps} HVPs)")
 
 d = ht.density(op, n_probes=8, steps=40, seed=0)
 print(f"SLQ density: {d.n_probes} probes × {d.steps} steps; its trace estimate {d.moments['trace']:.3f} ± "

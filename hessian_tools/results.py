@@ -5,7 +5,7 @@ back with :meth:`Result.from_dict`; reports and figures read these, never a mode
 
 Conventions shared by all results:
 
-* ``matvecs`` — the number of Hessian-vector products (HVPs) spent. One HVP is one column of
+* ``hvps`` — the number of Hessian-vector products (HVPs) spent. One HVP is one column of
   ``H @ V``; a block of K columns counts K.
 * ``seed`` — the seed of the ``torch.Generator`` that drew every random vector (``None`` when the
   estimator is deterministic).
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
+from .stats import Z95
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -46,6 +46,9 @@ def _to_jsonable(value: Any) -> Any:
         return value.to_dict() if hasattr(value, "to_dict") else _to_jsonable(dataclasses.asdict(value))
     return value
 
+
+#: field names of results written by earlier versions → their current names (read back transparently)
+_RENAMED = {"matvecs": "hvps", "trace_matvecs": "trace_hvps", "quadrature_matvecs": "quadrature_hvps"}
 
 #: kind → Result subclass, filled in as subclasses are defined (see Result.__init_subclass__)
 RESULT_KINDS: dict[str, type] = {}
@@ -95,6 +98,7 @@ class Result:
     @classmethod
     def from_dict(cls, data: dict):
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {_RENAMED.get(k, k): v for k, v in data.items()}
         kwargs = {k: _from_jsonable(v) for k, v in data.items() if k in names}
         for name in cls.array_fields:
             if kwargs.get(name) is not None:
@@ -122,13 +126,13 @@ class TraceResult(Result):
     For Hutch++ and XTrace the error bar is conditional on the low-rank sketch (see each method's
     docstring). ``blocks`` holds the per-block traces (one per parameter block) estimated from the
     same probes; they sum to ``estimate``. ``converged`` is False when a requested ``rtol`` was not
-    met within ``max_matvecs``.
+    met within ``max_hvps``.
     """
 
     kind: ClassVar[str] = "trace"
     estimate: float
     stderr: float
-    matvecs: int
+    hvps: int
     method: str
     seed: int | None
     n_probes: int
@@ -168,7 +172,7 @@ class EigenResult(Result):
     values: np.ndarray
     residuals: np.ndarray
     converged: bool
-    matvecs: int
+    hvps: int
     which: str
     method: str
     tol: float
@@ -201,7 +205,7 @@ class DensityResult(Result):
     sigma: float
     dim: int
     moments: dict
-    matvecs: int
+    hvps: int
     seed: int | None
     n_probes: int
     steps: int
@@ -229,7 +233,7 @@ class QuadratureResult(Result):
     estimate: float
     change: float
     steps: int
-    matvecs: int
+    hvps: int
     exhausted: bool
     function: str
 
@@ -309,7 +313,7 @@ class StabilityCurveResult(Result):
     antithetic: bool
     seed: int | None
     evaluations: int
-    matvecs: int
+    hvps: int
     base_loss: float
 
     @classmethod
@@ -422,9 +426,9 @@ class HessianMeasuresResult(Result):
     n: int
     lam: float
     seed: int | None
-    matvecs: int
-    trace_matvecs: int
-    quadrature_matvecs: int
+    hvps: int
+    trace_hvps: int
+    quadrature_hvps: int
     quadrature_steps: int
     layers: tuple = ()
     note: str = "measures, not certificates"
@@ -434,3 +438,39 @@ class HessianMeasuresResult(Result):
         data = dict(data)
         data["layers"] = tuple(LayerMeasure(**_from_jsonable(layer)) for layer in data.get("layers", ()))
         return super().from_dict(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference(Result):
+    """tr(H_b) − tr(H_a) and the relative change tr(H_b)/tr(H_a) − 1, from the SAME probes.
+
+    With common random numbers the per-probe differences d_i = z_iᵀH_b z_i − z_iᵀH_a z_i have a
+    much smaller spread than two independent estimates when the two Hessians are alike:
+    ``stderr`` is std(d_i)/√n; ``independent_stderr`` = √(se_a² + se_b²) is what two unpaired
+    runs would report; ``tightening`` is their ratio. The relative change's error bar uses the
+    delta method on the same paired samples.
+    """
+
+    kind: ClassVar[str] = "paired_difference"
+    a: str
+    b: str
+    difference: float
+    stderr: float
+    independent_stderr: float
+    tightening: float
+    relative_change: float
+    relative_change_stderr: float
+    n_probes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonResult(Result):
+    """Traces of several checkpoints estimated with common random numbers, and their pairwise differences."""
+
+    kind: ClassVar[str] = "comparison"
+    names: tuple
+    traces: tuple
+    pairs: tuple
+    seed: int
+    method: str
+    hvps: int

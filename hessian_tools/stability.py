@@ -53,35 +53,21 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .checks import check_integer, check_positive, check_positive_numbers
 from .errors import NonFiniteError
+from .estimators.probes import gaussian_rows
 from .operators.data_source import BatchSource, move_to
 from .operators.params import computation_mode, frozen_state, make_blocks, select_parameters
-from .results import Z95, StabilityCurveResult, StabilityResult, TraceResult
+from .results import StabilityCurveResult, StabilityResult, TraceResult
+from .seeding import resolve_seed, seeded_generator
+from .stats import Z95, mean_and_stderr
 
-__all__ = ["noise_stability", "stability_curve", "PerturbedEvaluator", "TAYLOR_BAND", "gaussian_draws", "make_generator"]
+__all__ = ["noise_stability", "stability_curve", "PerturbedEvaluator", "TAYLOR_BAND"]
 
 #: The ratio measured/predicted counts as "Taylor holds" while its 95% interval meets this band.
 TAYLOR_BAND = (0.8, 1.25)
 
 MODES = ("eval", "train")
-
-
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``seed`` (``None``: a fresh nondeterministic seed)."""
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed))
-    return generator
-
-
-def gaussian_draws(generator: torch.Generator, dim: int, count: int) -> torch.Tensor:
-    """``count`` standard normal vectors of length ``dim`` as a (count, dim) float64 CPU tensor, one
-    ``randn(dim)`` call each (so the stream does not depend on how draws are grouped)."""
-    if count == 0:
-        return torch.zeros(0, dim, dtype=torch.float64)
-    return torch.stack([torch.randn(dim, generator=generator, dtype=torch.float64) for _ in range(count)])
 
 
 class PerturbedEvaluator:
@@ -197,21 +183,8 @@ class PerturbedEvaluator:
         return computation_mode(self.model, self.mode)
 
 
-def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool):
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"sigma must be finite and > 0, got {sigma!r}")
-    return value
-
-
 def _check_samples(n_samples, antithetic: bool) -> int:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < (4 if antithetic else 2):
-        raise ValueError(f"n_samples must be an integer ≥ {4 if antithetic else 2}, got {n_samples!r}")
+    n_samples = check_integer("n_samples", n_samples, 4 if antithetic else 2)
     if antithetic and n_samples % 2:
         raise ValueError(f"with antithetic=True n_samples counts evaluations in (+U, −U) pairs and must be even, got {n_samples}")
     return n_samples
@@ -223,15 +196,11 @@ def _loss_statistic(loss_fn: Callable) -> Callable:
     return loss_fn
 
 
-def _std_err(samples: torch.Tensor) -> float:
-    return float(samples.std(unbiased=True)) / math.sqrt(samples.numel())
-
-
 def _measure(evaluator: PerturbedEvaluator, statistic: Callable, base: float, sigma: float, n_samples: int,
              antithetic: bool, seed: int | None) -> StabilityResult:
-    generator = make_generator(seed)
+    generator, seed = seeded_generator(seed)
     draws = n_samples // 2 if antithetic else n_samples
-    Z = gaussian_draws(generator, evaluator.dim, draws)
+    Z = gaussian_rows(generator, evaluator.dim, draws)
     if antithetic:
         # interleave +U, −U so each pair shares one vmap block
         offsets = torch.stack([sigma * Z, -sigma * Z], dim=1).reshape(2 * draws, -1)
@@ -243,8 +212,8 @@ def _measure(evaluator: PerturbedEvaluator, statistic: Callable, base: float, si
         values = evaluator.evaluate(statistic, sigma * Z)
         samples = one_sided = values - base
     estimate = float(samples.mean())
-    stderr = _std_err(samples)
-    one_sided_stderr = _std_err(one_sided)
+    _, stderr = mean_and_stderr(samples)
+    _, one_sided_stderr = mean_and_stderr(one_sided)
     if stderr > 0:
         reduction = (one_sided_stderr / stderr) ** 2
     else:
@@ -268,7 +237,8 @@ def noise_stability(model: nn.Module, loss_fn: Callable, data: Any, sigma: float
     ``dtype=torch.float64`` for small σ; ``chunk_size`` perturbations are evaluated per data pass.
     The model's weights, buffers and train/eval flags are left exactly as they were.
     """
-    sigma = _check_sigma(sigma)
+    sigma = check_positive("sigma", sigma)
+    seed = resolve_seed(seed)
     n_samples = _check_samples(n_samples, antithetic)
     statistic = _loss_statistic(loss_fn)
     evaluator = PerturbedEvaluator(model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size)
@@ -277,19 +247,19 @@ def noise_stability(model: nn.Module, loss_fn: Callable, data: Any, sigma: float
 
 
 def _resolve_trace(trace_source, params, seed, trace_kwargs) -> tuple[TraceResult | None, float, float, int, Any]:
-    """(trace result or None, estimate, stderr, matvecs, params) from a TraceResult, an operator,
+    """(trace result or None, estimate, stderr, hvps, params) from a TraceResult, an operator,
     a number or an (estimate, stderr) pair."""
     from .operators.hessian import HessianOperator
 
     if isinstance(trace_source, TraceResult):
-        return trace_source, float(trace_source.estimate), float(trace_source.stderr), int(trace_source.matvecs), params
+        return trace_source, float(trace_source.estimate), float(trace_source.stderr), int(trace_source.hvps), params
     if isinstance(trace_source, HessianOperator):
         from .estimators.trace import trace as estimate_trace
 
         if params is None:
             params = list(trace_source.param_names)
         result = estimate_trace(trace_source, seed=seed, **(trace_kwargs or {}))
-        return result, float(result.estimate), float(result.stderr), int(result.matvecs), params
+        return result, float(result.estimate), float(result.stderr), int(result.hvps), params
     if isinstance(trace_source, (tuple, list)) and len(trace_source) == 2:
         return None, float(trace_source[0]), float(trace_source[1]), 0, params
     if isinstance(trace_source, (int, float)) and not isinstance(trace_source, bool):
@@ -324,18 +294,14 @@ def stability_curve(model: nn.Module, loss_fn: Callable, data: Any, sigmas: Sequ
     when the ratio is undefined (prediction 0). ``breakdown_index``/``breakdown_sigma`` name the
     smallest flagged σ (None if none).
     """
-    try:
-        grid = sorted(_check_sigma(s) for s in sigmas)
-    except TypeError:
-        raise ValueError(f"sigmas must be a sequence of numbers > 0, got {sigmas!r}") from None
-    if not grid:
-        raise ValueError("sigmas must hold at least one value")
+    grid = sorted(check_positive_numbers("sigmas", sigmas))
+    seed = resolve_seed(seed)
     lo, hi = (float(b) for b in band)
     if not 0 < lo <= 1 <= hi:
         raise ValueError(f"band must be (lo, hi) with 0 < lo ≤ 1 ≤ hi, got {band!r}")
     n_samples = _check_samples(n_samples, antithetic)
     statistic = _loss_statistic(loss_fn)
-    trace_result, T, T_se, matvecs, params = _resolve_trace(trace, params, seed, trace_kwargs)
+    trace_result, T, T_se, hvps, params = _resolve_trace(trace, params, seed, trace_kwargs)
     evaluator = PerturbedEvaluator(model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size)
     if trace_result is not None and trace_result.blocks:
         names = [b.name for b in trace_result.blocks]
@@ -371,5 +337,5 @@ def stability_curve(model: nn.Module, loss_fn: Callable, data: Any, sigmas: Sequ
         taylor_holds=tuple(holds), breakdown_index=breakdown,
         breakdown_sigma=None if breakdown is None else grid[breakdown], trace=T, trace_stderr=T_se,
         band=(lo, hi), n_samples=n_samples, antithetic=bool(antithetic), seed=seed,
-        evaluations=1 + len(grid) * n_samples, matvecs=matvecs, base_loss=base,
+        evaluations=1 + len(grid) * n_samples, hvps=hvps, base_loss=base,
     )

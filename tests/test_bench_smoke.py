@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,7 @@ def bench():
 
 
 def test_quick_run_writes_the_report(bench, tmp_path):
-    start = time.perf_counter()
     results = bench.main(["--quick", "--no-peers", "--out", str(tmp_path), "--cache", ""])
-    elapsed = time.perf_counter() - start
     report = (tmp_path / "bench_peers.md").read_text()
     header = "| " + " | ".join(bench.TRACE_COLUMNS) + " |"
     assert header in report
@@ -44,4 +41,3 @@ def test_quick_run_writes_the_report(bench, tmp_path):
     # only our rows without peers, and ours reaches the easy eigenvalue target
     assert all(row["tool"].startswith("ours") for row in results["trace"]["rows"])
     assert any(row[1e-6] is not None for row in results["eigen"]["rows"])
-    assert elapsed < 60  # a smoke test; ~10 s on an idle 2-core machine

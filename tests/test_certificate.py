@@ -12,7 +12,7 @@ from hessian_tools.bounds import pacbayes
 from hessian_tools.bounds.certificate import default_loss_max, hessian_measures, pac_bayes_certificate
 from hessian_tools.app.zoo.data import synthetic_classification
 from hessian_tools.results import BlockTrace, CertificateResult, HessianMeasuresResult, TraceResult
-from hessian_tools.stability import gaussian_draws
+from hessian_tools.estimators.probes import gaussian_rows
 
 from conftest import PROBLEMS, batches
 
@@ -80,7 +80,7 @@ def test_mc_error_is_the_mean_error_of_the_drawn_networks(separable):
     model, X, y, prior = separable
     sigma, M = 0.3, 6
     r = pac_bayes_certificate(model, batches(X, y, 500), prior, sigmas=[sigma], n_mc=M, seed=3, chunk_size=4)
-    Z = gaussian_draws(torch.Generator().manual_seed(3), 27, M)
+    Z = gaussian_rows(torch.Generator().manual_seed(3), 27, M)
     names = [n for n, _ in model.named_parameters()]
     errors = []
     for z in Z:
@@ -165,7 +165,7 @@ def tiny_mlp():
     op = HessianOperator(model, loss_fn, (X, y), dtype=torch.float64)
     w = op.flat_parameters()
     w0 = w + 0.3 * torch.randn(op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    exact_trace = {"sketch": op.dim, "max_matvecs": 2 * op.dim + 2}  # Hutch++ with a full sketch: exact
+    exact_trace = {"sketch": op.dim, "max_hvps": 2 * op.dim + 2}  # Hutch++ with a full sketch: exact
     return op, op.dense(), w, w0, exact_trace
 
 
@@ -196,8 +196,8 @@ def test_hessian_measures_match_dense(tiny_mlp):
         assert objective(layer.sigma) == pytest.approx(layer.second_order, rel=1e-9)
         assert objective(layer.sigma) <= min(objective(0.9 * layer.sigma), objective(1.1 * layer.sigma))
     assert r.trace_stderr == 0.0 and r.second_order_stderr == 0.0
-    assert r.quadrature_matvecs == sum(l.quadratic_form_steps for l in r.layers)
-    assert r.matvecs == r.trace_matvecs + r.quadrature_matvecs
+    assert r.quadrature_hvps == sum(l.quadratic_form_steps for l in r.layers)
+    assert r.hvps == r.trace_hvps + r.quadrature_hvps
     assert r.loss == pytest.approx(op.loss_and_gradient()[0])
     assert "not certificates" in r.note
     assert HessianMeasuresResult.from_dict(r.to_dict()) == r
@@ -225,7 +225,7 @@ def test_block_view_of_generic_operator_and_trace_clipping(tiny_mlp):
     assert clipped.second_order_stderr == pytest.approx(clipped.dist * math.sqrt(0.01 / n))
     assert not any(l.trace_clipped for l in r.layers[:3])
     assert r.second_order == pytest.approx(sum(l.dist * math.sqrt(l.trace / n) for l in r.layers[:3]), rel=1e-12)
-    assert r.loss is None and r.trace_matvecs == 10
+    assert r.loss is None and r.trace_hvps == 10
     for l in r.layers[:3]:  # delta method per layer
         assert l.second_order_stderr == pytest.approx(l.dist * 0.01 / (2 * math.sqrt(n * l.trace)))
     with pytest.raises(ValueError, match="weights"):

@@ -61,7 +61,7 @@ def seeded_trace(model):
     generator = torch.Generator().manual_seed(123)
     X, y = torch.randn(32, 4, generator=generator), torch.randint(0, 3, (32,), generator=generator)
     op = ht.HessianOperator(model.eval(), F.cross_entropy, (X, y))
-    return ht.trace(op, method="hutchinson", max_matvecs=12, seed=0).estimate
+    return ht.trace(op, method="hutchinson", max_hvps=12, seed=0).estimate
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_analyze_run_folder_prints_table_and_json(run_dir, tmp_path):
     assert "Hessian trace" in proc.stdout and "top eigenvalues" in proc.stdout and "95% CI" in proc.stdout
     result = json.loads(out.read_text())
     assert result["kind"] == "checkpoint_analysis" and result["dim"] == 899
-    assert result["trace"]["matvecs"] > 0 and result["trace"]["seed"] == 0
+    assert result["trace"]["hvps"] > 0 and result["trace"]["seed"] == 0
     assert len(result["top"]["values"]) == 5 and result["top"]["values"][0] >= result["top"]["values"][1]
     assert result["density"]["n_probes"] > 0
 
@@ -156,7 +156,7 @@ def test_analyze_distributed_under_torchrun_matches_single_process(run_dir, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("Hessian trace") == 1  # rank 0 alone prints
     a, b = json.loads(single.read_text())["trace"], json.loads(multi.read_text())["trace"]
-    assert b["estimate"] == pytest.approx(a["estimate"], rel=1e-6) and b["matvecs"] == a["matvecs"]
+    assert b["estimate"] == pytest.approx(a["estimate"], rel=1e-6) and b["hvps"] == a["hvps"]
 
 
 def test_bound_on_a_run_folder(run_dir, tmp_path):
@@ -189,7 +189,7 @@ def test_demo_quick_writes_report_results_and_figures(tmp_path):
     assert "| method |" in report and "PAC-Bayes bound" in report
     results = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in results["runs"]} == {"sgd", "sam", "nso"}
-    assert all(r["analysis"]["trace"]["matvecs"] > 0 and r["curve"] for r in results["runs"])
+    assert all(r["analysis"]["trace"]["hvps"] > 0 and r["curve"] for r in results["runs"])
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert {"sharpness_curves.png", "trace_lambda_bars.png", "density.png", "stability.png"} <= set(pngs), pngs
     # Re-running resumes: the saved analyses are reused (not rewritten), the same numbers come back.

@@ -7,7 +7,8 @@ import torch
 
 from hessian_tools.estimators.common import CountingOperator
 from hessian_tools.estimators.density import density
-from hessian_tools.estimators.probes import make_generator, rademacher
+from hessian_tools.estimators.probes import rademacher
+from hessian_tools.seeding import seeded_generator
 from hessian_tools.operators.hessian import HessianOperator
 from hessian_tools.results import DensityResult
 
@@ -43,7 +44,7 @@ def test_moments_equal_the_probes_quadratic_forms(spectrum):
     """m1 = mean vᵀHv and m2 = mean ‖Hv‖² for the unit Rademacher probes (Gauss rule exactness)."""
     A, _ = spectrum
     r = density(A, n_probes=7, steps=5, seed=11)
-    V = rademacher(A.shape[0], 7, make_generator(11)) / math.sqrt(A.shape[0])
+    V = rademacher(A.shape[0], 7, seeded_generator(11)[0]) / math.sqrt(A.shape[0])
     HV = A @ V
     assert r.moments["m1"] == pytest.approx(float((V * HV).sum(0).mean()), rel=1e-12)
     assert r.moments["m2"] == pytest.approx(float((HV * HV).sum(0).mean()), rel=1e-10)
@@ -65,14 +66,14 @@ def test_nodes_inside_spectrum_and_extremes_found(spectrum):
 def test_full_lanczos_reproduces_eigenvalues():
     A, lam = known_spectrum(200, seed=3)
     r = density(A, n_probes=1, steps=250, seed=2)
-    assert r.lengths == (200,) and r.matvecs == 200
+    assert r.lengths == (200,) and r.hvps == 200
     np.testing.assert_allclose(np.sort(r.nodes[0]), np.sort(lam.numpy()), rtol=0, atol=1e-9)
 
 
 def test_breakdown_on_few_distinct_eigenvalues():
     values = torch.tensor([3.0, -1.0, 0.5, 2.0, 7.0], dtype=torch.float64).repeat_interleave(20)
     r = density(torch.diag(values), n_probes=4, steps=30, seed=0)
-    assert r.lengths == (5, 5, 5, 5) and r.matvecs == 20
+    assert r.lengths == (5, 5, 5, 5) and r.hvps == 20
     for nodes, weights in zip(r.nodes, r.weights):
         real = weights > 0
         np.testing.assert_allclose(np.sort(nodes[real]), [-1.0, 0.5, 2.0, 3.0, 7.0], atol=1e-10)
@@ -102,7 +103,7 @@ def test_mlp_hessian(mlp):
     passes = op.passes
     r = density(op, n_probes=8, steps=30, seed=0)
     assert op.passes - passes == 30  # one batched HVP per Lanczos step
-    assert r.matvecs == 8 * 30 and r.dim == dim
+    assert r.hvps == 8 * 30 and r.dim == dim
     tiny = 1e-8 * float(lam.abs().max())
     assert r.nodes.min() >= float(lam.min()) - tiny and r.nodes.max() <= float(lam.max()) + tiny
     assert abs(r.moments["trace"] - float(lam.sum())) <= 3 * r.moments["trace_stderr"]
@@ -113,7 +114,7 @@ def test_determinism_counts_and_roundtrip(spectrum):
     A, _ = spectrum
     counting = CountingOperator(A)
     a = density(counting, n_probes=3, steps=12, seed=5)
-    assert counting.matvecs == 36 == a.matvecs
+    assert counting.hvps == 36 == a.hvps
     b = density(A, n_probes=3, steps=12, seed=5)
     np.testing.assert_array_equal(a.nodes, b.nodes)
     np.testing.assert_array_equal(a.density, b.density)

@@ -70,7 +70,7 @@ def estimates(op) -> dict:
     out["collectives_per_matmat"] = (reducer.collectives - before) if reducer is not None else None
     loss, grad = op.loss_and_gradient()
     out["loss"], out["grad"] = loss, grad
-    out["hutchpp"] = ht.hutchpp(op, max_matvecs=48, seed=3).estimate
+    out["hutchpp"] = ht.hutchpp(op, max_hvps=48, seed=3).estimate
     out["hutchinson"] = ht.hutchinson(op, n_probes=32, seed=3).estimate
     out["eigenvalues"] = ht.eigenvalues(op, k=3, tol=1e-8, seed=0, block_size=3).values
     if HAS_DENSITY:

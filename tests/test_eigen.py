@@ -55,13 +55,13 @@ def test_fewer_hvps_than_power_iteration():
     power = ht.eigenvalues(H, k=1, which="LM", tol=1e-6, method="power")
     assert lanczos.values[0] == pytest.approx(50.0, rel=1e-6)
     assert power.values[0] == pytest.approx(50.0, rel=1e-6)
-    assert lanczos.matvecs * 2 < power.matvecs
+    assert lanczos.hvps * 2 < power.hvps
 
 
 def test_unconverged_within_budget_is_reported():
     H, _ = known_spectrum(dim=400)
-    r = ht.eigenvalues(H, k=5, which="SA", tol=1e-12, max_matvecs=10)
-    assert not r.converged and r.matvecs <= 10
+    r = ht.eigenvalues(H, k=5, which="SA", tol=1e-12, max_hvps=10)
+    assert not r.converged and r.hvps <= 10
 
 
 def test_determinism_and_json(problem):
@@ -70,7 +70,7 @@ def test_determinism_and_json(problem):
     a, b = ht.eigenvalues(op, k=2, seed=4), ht.eigenvalues(op, k=2, seed=4)
     np.testing.assert_array_equal(a.values, b.values)
     d = a.to_dict()
-    assert "vectors" not in d and d["matvecs"] == a.matvecs
+    assert "vectors" not in d and d["hvps"] == a.hvps
     back = ht.EigenResult.from_dict(d)
     np.testing.assert_array_equal(back.values, a.values)
 

@@ -44,18 +44,18 @@ def _stability(tr: float, tr_se: float, seed: int) -> StabilityCurveResult:
         predicted=tuple(predicted), predicted_stderr=tuple(s**2 / 2 * tr_se), ratio=tuple(ratio),
         ratio_stderr=tuple(0.1 * np.abs(ratio)), taylor_holds=tuple([True] * s.size), breakdown_index=None,
         breakdown_sigma=None, trace=tr, trace_stderr=tr_se, band=(0.8, 1.25), n_samples=16, antithetic=True,
-        seed=seed, evaluations=1 + 16 * s.size, matvecs=0, base_loss=0.1)
+        seed=seed, evaluations=1 + 16 * s.size, hvps=0, base_loss=0.1)
 
 
 def _analysis(method: str, seed: int) -> CheckpointAnalysis:
     op = DenseOperator(_matrix(METHODS[method], seed))
-    tr = trace(op, method="hutchpp", max_matvecs=30, seed=seed)
+    tr = trace(op, method="hutchpp", max_hvps=30, seed=seed)
     top = eigenvalues(op, k=2, tol=1e-6, seed=seed)
     bottom = eigenvalues(op, k=1, which="SA", tol=1e-6, seed=seed)
     dens = density(op, n_probes=3, steps=25, seed=seed)
     return CheckpointAnalysis(
         name=f"{method}-s{seed}", dim=op.dim, n_train=250, n_test=500, train_loss=0.05, train_acc=1.0,
-        test_loss=0.4, test_acc=0.9, seed=seed, hvps=tr.matvecs + top.matvecs + dens.matvecs, wall_time_s=0.1,
+        test_loss=0.4, test_acc=0.9, seed=seed, hvps=tr.hvps + top.hvps + dens.hvps, wall_time_s=0.1,
         trace=tr, top=top, bottom=bottom, density=dens, stability=_stability(tr.estimate, tr.stderr, seed))
 
 

@@ -39,7 +39,7 @@ def test_hvp_equals_pyhessian_dataloader_hvp(setup):
 
 def test_trace_estimates_agree_within_error_bars(setup):
     model, criterion, data = setup
-    ours = ht.trace(ht.HessianOperator(model, criterion, data), method="hutchinson", max_matvecs=100, seed=0)
+    ours = ht.trace(ht.HessianOperator(model, criterion, data), method="hutchinson", max_hvps=100, seed=0)
     torch.manual_seed(0)  # PyHessian draws from the global RNG
     samples = pyhessian.hessian(model, criterion, dataloader=data, cuda=False).trace(maxIter=100, tol=0.0)
     theirs, theirs_se = float(np.mean(samples)), float(np.std(samples, ddof=1) / math.sqrt(len(samples)))

@@ -89,7 +89,7 @@ def test_breakdown_gives_different_lengths():
     H = CountingOperator(CallLog(A))
     tri = lanczos_tridiagonal(H, V0, 20)
     assert tri.lengths.tolist() == [3, 8, 8] and tri.exhausted.all()
-    assert H.matvecs == 19 and H.op.calls == [3, 3, 3, 2, 2, 2, 2, 2]
+    assert H.hvps == 19 and H.op.calls == [3, 3, 3, 2, 2, 2, 2, 2]
     assert tri.alphas.shape == (3, 8)
     assert (tri.alphas[0, 3:] == 0).all() and (tri.betas[0, 2:] == 0).all()
     nodes, weights = gauss_quadrature(tri.alphas, tri.betas, tri.lengths)
@@ -127,7 +127,7 @@ def test_identity_and_square_are_exact_quickly(spectrum):
     v = torch.randn(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ident = quadratic_form(A, v, "identity")
     assert ident.estimate == pytest.approx(float(v @ A @ v), rel=1e-10, abs=1e-10)
-    assert ident.steps <= 3 and ident.matvecs == ident.steps and ident.function == "identity"
+    assert ident.steps <= 3 and ident.hvps == ident.steps and ident.function == "identity"
     square = quadratic_form(A, v, "square")
     assert square.estimate == pytest.approx(float((A @ v).norm() ** 2), rel=1e-10)
     assert square.steps <= 4
@@ -168,8 +168,8 @@ def test_batched_forms_match_single_calls(spectrum):
     V[:, 2] = 0.0
     H = CountingOperator(A)
     batched = quadratic_forms(H, V, "relu", steps=60)
-    assert batched[2].estimate == 0.0 and batched[2].matvecs == 0 and batched[2].exhausted
-    assert H.matvecs == sum(r.matvecs for r in batched)
+    assert batched[2].estimate == 0.0 and batched[2].hvps == 0 and batched[2].exhausted
+    assert H.hvps == sum(r.hvps for r in batched)
     for k in (0, 1, 3):
         single = quadratic_form(A, V[:, k], "relu", steps=60)
         assert batched[k].steps == single.steps
@@ -185,7 +185,7 @@ def test_mlp_hessian_relu_form():
     passes = op.passes
     r = quadratic_form(op, v, "relu", steps=op.dim + 5, tol=0.0)
     assert r.estimate == pytest.approx(exact, rel=1e-8)
-    assert op.passes - passes == r.matvecs == r.steps <= op.dim
+    assert op.passes - passes == r.hvps == r.steps <= op.dim
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ from torch.func import functional_call
 from hessian_tools import HessianOperator
 from hessian_tools.estimators import trace
 from hessian_tools.results import StabilityCurveResult, StabilityResult
-from hessian_tools.stability import PerturbedEvaluator, gaussian_draws, noise_stability, stability_curve
+from hessian_tools.estimators.probes import gaussian_rows
+from hessian_tools.stability import PerturbedEvaluator, noise_stability, stability_curve
 
 from conftest import PROBLEMS, TinyCNN, batches
 
@@ -71,7 +72,7 @@ def test_antithetic_sample_is_exactly_the_quadratic_form():
     H = op.dense()
     sigma = 0.3
     r = noise_stability(model, mse, (X, y), sigma, n_samples=8, seed=5, dtype=torch.float64)
-    Z = gaussian_draws(torch.Generator().manual_seed(5), op.dim, 4)
+    Z = gaussian_rows(torch.Generator().manual_seed(5), op.dim, 4)
     expected = [0.5 * sigma**2 * float(z @ H @ z) for z in Z]
     assert r.samples == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
@@ -100,7 +101,7 @@ def test_ratio_tends_to_one_for_non_quadratic_loss():
     # Sharper, free of sampling noise: against the same draws' own second-order term ½σ²·mean(ZᵀHZ)
     # (the Taylor prediction for these U), measured/prediction → 1 with an O(σ²) error.
     H = op.dense()
-    Z = gaussian_draws(torch.Generator().manual_seed(0), op.dim, 128)
+    Z = gaussian_rows(torch.Generator().manual_seed(0), op.dim, 128)
     quad = float(torch.einsum("ki,ij,kj->k", Z, H, Z).mean())
     own = [abs(m / (s * s / 2 * quad) - 1) for s, m in zip(curve.sigmas, curve.measured)]
     assert own[0] < 1e-6 and own[1] < 1e-4, own
@@ -122,13 +123,13 @@ def test_curve_with_operator_propagates_trace_stderr():
     model, X, y, T = linear_regression(seed=4)
     op = HessianOperator(model, mse, (X, y), dtype=torch.float64)
     curve = stability_curve(model, mse, (X, y), [0.1, 0.4], op, n_samples=64, dtype=torch.float64,
-                            trace_kwargs={"method": "hutchinson", "max_matvecs": 20})
-    assert curve.matvecs == 20 and curve.trace_stderr > 0
+                            trace_kwargs={"method": "hutchinson", "max_hvps": 20})
+    assert curve.hvps == 20 and curve.trace_stderr > 0
     for s, p, ps in zip(curve.sigmas, curve.predicted, curve.predicted_stderr):
         assert p == pytest.approx(s * s / 2 * curve.trace) and ps == pytest.approx(s * s / 2 * curve.trace_stderr)
     assert all(curve.taylor_holds)
     assert curve.breakdown_index is None and curve.breakdown_sigma is None
-    tr = trace(op, method="hutchinson", max_matvecs=20, seed=0)
+    tr = trace(op, method="hutchinson", max_hvps=20, seed=0)
     same = stability_curve(model, mse, (X, y), [0.1, 0.4], tr, n_samples=64, dtype=torch.float64)
     assert same.measured == curve.measured and same.trace == curve.trace
     with pytest.raises(ValueError, match="same params"):

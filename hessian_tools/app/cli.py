@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..estimators.trace import METHODS as TRACE_METHODS
+from ..optim import BASES, METHODS
 from .pipeline import ANALYSES, AnalysisSettings
+from .runs import SCHEDULES
 
 EPILOG_DEMO = """examples:
   hessian-tools demo                       # the main job on the embedded default (digits, small ResNet)
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", help="prior/initial weights for the bound (a run folder's init.pt by default)")
     p.add_argument("--rtol", type=float, default=0.02, help="trace: stop at 95%% half-width ≤ rtol·|trace| (default 0.02)")
     p.add_argument("--max-hvps", type=int, default=600, help="HVP budget per estimator (default 600)")
-    p.add_argument("--trace-method", choices=["hutchpp", "hutchinson", "xtrace"], default="hutchpp")
+    p.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchpp")
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_analyze)
@@ -129,15 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bound)
 
     p = sub.add_parser("train", help="train with sgd/nso/wp/sam/asam and write a run folder", epilog=EPILOG_TRAIN, formatter_class=fmt)
-    p.add_argument("--method", default="sgd", choices=["sgd", "nso", "wp", "sam", "asam"])
+    p.add_argument("--method", default="sgd", choices=METHODS)
     p.add_argument("--model", default="resnet", help="mlp | cnn | resnet | MODULE:FACTORY")
     p.add_argument("--data", default="builtin:digits", help="data spec (see `analyze --help`)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="learning-rate schedule")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--base", default="sgd", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--base", default="sgd", choices=BASES)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--sigma", type=float, help="NSO/WP noise scale σ")
@@ -210,7 +213,7 @@ def _settings(args, what):
 
     return AnalysisSettings(what=tuple(what), params=args.params, batch_size=args.batch_size, seed=args.seed,
                             trace_method=getattr(args, "trace_method", "hutchpp"), trace_rtol=getattr(args, "rtol", 0.02),
-                            trace_max_matvecs=getattr(args, "max_hvps", 600), eig_max_matvecs=getattr(args, "max_hvps", 600),
+                            trace_max_hvps=getattr(args, "max_hvps", 600), eig_max_hvps=getattr(args, "max_hvps", 600),
                             dtype=args.dtype, device=args.device, distributed=getattr(args, "distributed", False))
 
 
@@ -280,7 +283,8 @@ def _analyze_and_print(args, loaded, settings) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .pipeline import compare_traces, make_operator
+    from ..estimators.paired import paired_traces
+    from .pipeline import make_operator
     from .report import COMPARISON_HEADER, comparison_rows, text_table
 
     if len(args.checkpoints) < 2:
@@ -292,7 +296,7 @@ def cmd_compare(args) -> int:
         name = loaded.name if loaded.name not in operators else f"{loaded.name}#{len(operators)}"
         operators[name] = make_operator(loaded.model, loaded.data, settings)
     with Progress(args.quiet) as progress:
-        result = compare_traces(operators, method=args.trace_method, max_matvecs=args.max_hvps, seed=args.seed, progress=progress)
+        result = paired_traces(operators, method=args.trace_method, max_hvps=args.max_hvps, seed=args.seed, progress=progress)
     print(text_table(COMPARISON_HEADER, comparison_rows(result)))
     print(f"\nsame probes for every checkpoint (seed {args.seed}, {args.max_hvps} HVPs each, {args.trace_method})")
     _emit_json(args.json, result)

@@ -28,12 +28,12 @@ def sharpness_curve(run_dir: str | Path, bundle: DataBundle, settings: AnalysisS
         if progress:
             progress(f"{run_dir.name} epoch {epoch}")
         op = make_operator(build_run_model(meta, path), bundle, settings)
-        tr = trace(op, method=settings.trace_method, rtol=rtol, max_matvecs=settings.trace_max_matvecs, seed=settings.seed)
-        top = eigenvalues(op, k=1, tol=eig_tol, seed=settings.seed, max_matvecs=settings.eig_max_matvecs)
+        tr = trace(op, method=settings.trace_method, rtol=rtol, max_hvps=settings.trace_max_hvps, seed=settings.seed)
+        top = eigenvalues(op, k=1, tol=eig_tol, seed=settings.seed, max_hvps=settings.eig_max_hvps)
         record = {k: v for k, v in records.get(epoch, {}).items() if k != "epoch"}
-        points.append({"epoch": epoch, "trace": tr.estimate, "trace_stderr": tr.stderr, "trace_hvps": tr.matvecs,
+        points.append({"epoch": epoch, "trace": tr.estimate, "trace_stderr": tr.stderr, "trace_hvps": tr.hvps,
                        "lambda_max": float(top.values[0]), "lambda_max_residual": float(top.residuals[0]),
-                       "hvps": tr.matvecs + top.matvecs, "seed": settings.seed, **record})
+                       "hvps": tr.hvps + top.hvps, "seed": settings.seed, **record})
     return points
 
 

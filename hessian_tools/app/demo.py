@@ -55,8 +55,8 @@ class DemoConfig:
         """Tiny settings for smoke tests (seconds, not minutes)."""
         return dataclasses.replace(
             self, seeds=(0,), pretrain_epochs=2, finetune_epochs=2, curve_every=1, per_class=10,
-            analysis=dataclasses.replace(self.analysis, trace_max_matvecs=60, trace_rtol=0.2, eig_k=2,
-                                         eig_max_matvecs=60, density_probes=2, density_steps=10,
+            analysis=dataclasses.replace(self.analysis, trace_max_hvps=60, trace_rtol=0.2, eig_k=2,
+                                         eig_max_hvps=60, density_probes=2, density_steps=10,
                                          sigmas=(1e-2,), stability_samples=8, certificate_samples=4,
                                          certificate_sigmas=(1e-2, 3e-2)),
         )

@@ -7,18 +7,16 @@ error bar, seed and HVP count (see :mod:`hessian_tools.results`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from typing import Callable, ClassVar, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .zoo.data import DataBundle, batches
 from ..estimators import eigenvalues, trace
 from ..operators import HessianOperator
-from ..results import Z95, Result, TraceResult
+from ..results import Result, TraceResult
 from .runs import evaluate
 
 ANALYSES = ("trace", "eigs", "density", "stability", "bound")
@@ -34,10 +32,10 @@ class AnalysisSettings:
     seed: int = 0
     trace_method: str = "hutchpp"
     trace_rtol: float | None = 0.02
-    trace_max_matvecs: int = 600
+    trace_max_hvps: int = 600
     eig_k: int = 5
     eig_tol: float = 1e-4
-    eig_max_matvecs: int = 600
+    eig_max_hvps: int = 600
     density_probes: int = 6
     density_steps: int = 40
     sigmas: tuple = (1e-3, 1e-2, 3e-2, 1e-1)
@@ -144,12 +142,12 @@ def analyze_model(
 
     if "trace" in settings.what or "bound" in settings.what:
         timed("trace", "trace", lambda: trace(op, method=settings.trace_method, rtol=settings.trace_rtol,
-                                               max_matvecs=settings.trace_max_matvecs, seed=seed))
+                                               max_hvps=settings.trace_max_hvps, seed=seed))
     if "eigs" in settings.what:
         timed("top", "top eigenvalues", lambda: eigenvalues(op, k=min(settings.eig_k, op.dim), which="LA", tol=settings.eig_tol,
-                                                             seed=seed, max_matvecs=settings.eig_max_matvecs))
+                                                             seed=seed, max_hvps=settings.eig_max_hvps))
         timed("bottom", "smallest eigenvalue", lambda: eigenvalues(op, k=1, which="SA", tol=settings.eig_tol, seed=seed,
-                                                                     max_matvecs=settings.eig_max_matvecs))
+                                                                     max_hvps=settings.eig_max_hvps))
     if "density" in settings.what:
         from ..estimators.density import density
 
@@ -160,7 +158,7 @@ def analyze_model(
     if "bound" in settings.what and prior_state is not None:
         timed("certificate", "PAC-Bayes certificate", lambda: _certificate(model, bundle, settings, prior_state))
         timed("measures", "Hessian measures", lambda: _measures(op, bundle, settings, prior_state, parts["trace"]))
-    hvps = op.matvecs
+    hvps = op.hvps
     return CheckpointAnalysis(
         name=name, dim=op.dim, n_train=int(bundle.train[1].shape[0]), n_test=int(bundle.test[1].shape[0]),
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc, seed=seed,
@@ -196,99 +194,3 @@ def _flat_prior(op: HessianOperator, prior_state: Mapping[str, torch.Tensor]) ->
     if missing:
         raise ValueError(f"the prior weights lack {len(missing)} analysed parameter(s), first: {', '.join(missing[:3])}")
     return torch.cat([prior_state[n].reshape(-1).to(op.dtype) for n in op.param_names])
-
-
-# --------------------------------------------------------------------------- paired comparison
-@dataclasses.dataclass(frozen=True)
-class PairedDifference(Result):
-    """tr(H_b) − tr(H_a) and the relative change tr(H_b)/tr(H_a) − 1, from the SAME probes.
-
-    With common random numbers the per-probe differences d_i = z_iᵀH_b z_i − z_iᵀH_a z_i have a
-    much smaller spread than two independent estimates when the two Hessians are alike:
-    ``stderr`` is std(d_i)/√n; ``independent_stderr`` = √(se_a² + se_b²) is what two unpaired
-    runs would report; ``tightening`` is their ratio. The relative change's error bar uses the
-    delta method on the same paired samples.
-    """
-
-    kind: ClassVar[str] = "paired_difference"
-    a: str
-    b: str
-    difference: float
-    stderr: float
-    independent_stderr: float
-    tightening: float
-    relative_change: float
-    relative_change_stderr: float
-    n_probes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ComparisonResult(Result):
-    """Traces of several checkpoints estimated with common random numbers, and their pairwise differences."""
-
-    kind: ClassVar[str] = "comparison"
-    names: tuple
-    traces: tuple
-    pairs: tuple
-    seed: int
-    method: str
-    hvps: int
-
-
-def paired_difference(name_a: str, a: TraceResult, name_b: str, b: TraceResult) -> PairedDifference:
-    """Paired difference of two trace results made with the same seed, method and budget."""
-    if (a.seed, a.method, a.n_probes) != (b.seed, b.method, b.n_probes) or not a.samples:
-        raise ValueError("a paired comparison needs two results with the same seed, method and number of probes, with samples kept")
-    sa, sb = np.asarray(a.samples), np.asarray(b.samples)
-    n = len(sa)
-    diff = b.estimate - a.estimate
-    stderr = float(np.std(sb - sa, ddof=1) / math.sqrt(n))
-    independent = math.hypot(a.stderr, b.stderr)
-    ratio = b.estimate / a.estimate
-    influence = (sb - ratio * sa) / a.estimate  # linearisation of B̂/Â around the estimates
-    rel_stderr = float(np.std(influence, ddof=1) / math.sqrt(n))
-    return PairedDifference(a=name_a, b=name_b, difference=diff, stderr=stderr, independent_stderr=independent,
-                            tightening=independent / stderr if stderr > 0 else math.inf,
-                            relative_change=ratio - 1.0, relative_change_stderr=rel_stderr, n_probes=n)
-
-
-def compare_traces(operators: Mapping[str, HessianOperator], *, method: str = "hutchpp", max_matvecs: int = 300,
-                   seed: int = 0, progress: Callable[[str], None] | None = None) -> ComparisonResult:
-    """Estimate every operator's trace with the SAME probes (same seed, fixed budget, no rtol) and
-    report each pair's paired difference (the first name is the baseline of every pair)."""
-    if len(operators) < 2:
-        raise ValueError("compare needs at least two checkpoints")
-    dims = {op.dim for op in operators.values()}
-    if len(dims) != 1:
-        raise ValueError(f"the checkpoints have different parameter counts {sorted(dims)}: they are not comparable")
-    say = progress or (lambda _msg: None)
-    results = {}
-    for name, op in operators.items():
-        say(name)
-        results[name] = trace(op, method=method, max_matvecs=max_matvecs, seed=seed)
-    names = list(results)
-    base = names[0]
-    pairs = tuple(paired_difference(base, results[base], other, results[other]) for other in names[1:])
-    return ComparisonResult(names=tuple(names), traces=tuple(results[n] for n in names), pairs=pairs, seed=seed,
-                            method=method, hvps=sum(r.matvecs for r in results.values()))
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval over independent runs (seeds); 0 for one run."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    if values.size < 2:
-        return float(values.mean()), 0.0
-    half = stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
-    return float(values.mean()), float(half)
-
-
-def relative_change_ci(new: Sequence[float], base: Sequence[float]) -> tuple[float, float]:
-    """mean(new)/mean(base) − 1 and a 95% half-width by the delta method (independent groups)."""
-    m_new, m_base = np.mean(new), np.mean(base)
-    se_new = np.std(new, ddof=1) / math.sqrt(len(new)) if len(new) > 1 else 0.0
-    se_base = np.std(base, ddof=1) / math.sqrt(len(base)) if len(base) > 1 else 0.0
-    ratio = m_new / m_base
-    se = abs(ratio) * math.sqrt((se_new / m_new) ** 2 + (se_base / m_base) ** 2)
-    return float(ratio - 1.0), float(Z95 * se)

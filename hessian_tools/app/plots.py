@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..estimators.density import smoothed_density
+from ..stats import Z95, column_mean_ci
 from .io import atomic_write_bytes
 
 __all__ = [
@@ -51,7 +53,6 @@ _EXTRA_COLORS = ("#e377c2", "#bcbd22", "#17becf", "#7f7f7f", "#393b79", "#637939
 
 DPI = 150
 DENSITY_FLOOR = 1e-5  # log-scale floor of the eigenvalue density plot
-Z95 = 1.959963984540054
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -159,27 +160,13 @@ def _sub_result(analysis: Mapping, kind: str, key: str, where: str) -> dict:
     return dict(sub)
 
 
-def _t95(n: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1))
-
-
 def _aggregate(values: np.ndarray, own_halfwidth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over seeds (axis 0) and the 95% half-width: t-interval over seeds when n ≥ 2, else the
     estimator's own half-width. NaNs (e.g. a diverged seed) are ignored per point."""
     values = np.asarray(values, dtype=float)
     if values.shape[0] == 1:
         return values[0], np.asarray(own_halfwidth, dtype=float)[0]
-    finite = np.isfinite(values)
-    n = finite.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, np.nansum(np.where(finite, values, 0.0), 0) / np.maximum(n, 1), np.nan)
-        dev = np.where(finite, values - mean, 0.0)
-        sd = np.sqrt((dev**2).sum(0) / np.maximum(n - 1, 1))
-        t = np.array([_t95(int(k)) if k >= 2 else np.nan for k in np.atleast_1d(n)]).reshape(n.shape)
-        half = np.where(n >= 2, t * sd / np.sqrt(np.maximum(n, 1)), np.nan)
-    return mean, half
+    return column_mean_ci(values)
 
 
 # --------------------------------------------------------------------------- saving
@@ -319,15 +306,6 @@ def _nested(values: Any, where: str) -> list:
             else _num(v, f"{where}[{i}]") for i, v in enumerate(values)]
 
 
-def _smooth(grid: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
-    """Σ_i w_i N(x; θ_i, σ²) / Σ_i w_i on ``grid`` (the SLQ density re-smoothed)."""
-    out = np.empty_like(grid)
-    for start in range(0, grid.size, 2048):
-        x = grid[start:start + 2048, None]
-        out[start:start + 2048] = (np.exp(-0.5 * ((x - nodes[None]) / sigma) ** 2) * weights[None]).sum(1)
-    return out / (sigma * math.sqrt(2 * math.pi) * weights.sum())
-
-
 def plot_density(analyses_by_method, out_dir, name: str = "density", *, floor: float = DENSITY_FLOOR,
                  max_grid: int = 20000) -> list[Path]:
     """Hessian eigenvalue density per method (SLQ, Gaussian-smoothed), log-scale y clipped at ``floor``.
@@ -355,7 +333,7 @@ def plot_density(analyses_by_method, out_dir, name: str = "density", *, floor: f
         for nodes, weights, sigma in ps:
             if sigma < spacing / 2:  # too narrow for the common grid: widen so that mass is not lost
                 sigma, widened = spacing / 2, True
-            curves.append(_smooth(grid, nodes, weights, sigma))
+            curves.append(smoothed_density(grid, nodes, weights, sigma))
         rho = np.mean(curves, axis=0)
         top = max(top, float(rho.max()))
         sig = np.array([p[2] for p in ps])

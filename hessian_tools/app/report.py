@@ -4,8 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from .pipeline import mean_ci, relative_change_ci
-from ..results import Z95
+from ..stats import Z95, mean_ci, paired_relative_change, relative_change_ci
 
 
 def as_dict(obj: Any) -> Any:
@@ -57,18 +56,18 @@ def analysis_rows(analysis: Mapping) -> list[list[str]]:
     tr = a.get("trace")
     if tr:
         rows.append(["Hessian trace", pm(tr["estimate"], Z95 * tr["stderr"]), f"95% CI, {tr['method']}, {tr['n_probes']} {'residual ' if tr['method'] == 'hutchpp' else ''}probes",
-                     str(tr["matvecs"]), str(tr["seed"])])
+                     str(tr["hvps"]), str(tr["seed"])])
     for key, label in (("top", "top eigenvalues"), ("bottom", "smallest eigenvalue")):
         e = a.get(key)
         if e:
             values = ", ".join(fmt(v, 6) for v in e["values"])
             rows.append([label, values, f"|error| ≤ residual ≤ {fmt(max(e['residuals']), 2)}" + ("" if e["converged"] else " (NOT converged)"),
-                         str(e["matvecs"]), str(e["seed"])])
+                         str(e["hvps"]), str(e["seed"])])
     d = a.get("density")
     if d:
         m = d["moments"]
         rows.append(["trace from SLQ density", pm(m.get("trace"), Z95 * m.get("trace_stderr", 0.0)),
-                     f"95% CI, {d['n_probes']} probes × {d['steps']} steps", str(d["matvecs"]), str(d["seed"])])
+                     f"95% CI, {d['n_probes']} probes × {d['steps']} steps", str(d["hvps"]), str(d["seed"])])
     rows += stability_rows(a.get("stability"))
     rows += certificate_rows(a.get("certificate"), a.get("measures"))
     rows.append(["total HVPs / wall time", f"{a['hvps']} / {a['wall_time_s']:.1f} s", "", "", ""])
@@ -102,7 +101,7 @@ def certificate_rows(certificate: Mapping | None, measures: Mapping | None) -> l
         for key, label in (("second_order", "measure: 2nd-order bound"), ("distance_hessian", "measure: Ju–Li–Zhang Σ√(vᵀH⁺v)/√n"),
                            ("trace_radius", "measure: √(Tr H·‖W−W0‖²/n)")):
             if key in m and m[key] is not None:
-                rows.append([label, fmt(m[key]), "a measure, not a certificate", str(m.get("matvecs", "")), str(m.get("seed", ""))])
+                rows.append([label, fmt(m[key]), "a measure, not a certificate", str(m.get("hvps", "")), str(m.get("seed", ""))])
     return rows
 
 
@@ -114,7 +113,7 @@ def analysis_text(analysis: Mapping) -> str:
 # --------------------------------------------------------------------------- comparisons and curves
 def comparison_rows(comparison: Mapping) -> list[list[str]]:
     c = as_dict(comparison)
-    rows = [[name, pm(t["estimate"], Z95 * t["stderr"]), "", "", "", str(t["matvecs"])] for name, t in zip(c["names"], c["traces"])]
+    rows = [[name, pm(t["estimate"], Z95 * t["stderr"]), "", "", "", str(t["hvps"])] for name, t in zip(c["names"], c["traces"])]
     for p in c["pairs"]:
         rows.append([f"{p['b']} − {p['a']}", pm(p["difference"], Z95 * p["stderr"]),
                      f"{100 * p['relative_change']:+.1f}% ± {100 * Z95 * p['relative_change_stderr']:.1f}%",
@@ -218,9 +217,9 @@ def _paired_change(runs: Sequence[Mapping], method: str, base: str, key: str) ->
              if by_seed[method][s] is not None and by_seed[base][s] is not None]
     if not pairs:
         return ["–", "–", "–"]
-    mean, half = mean_ci([new / old - 1.0 for new, old in pairs])
-    change, unpaired_half = relative_change_ci([p[0] for p in pairs], [p[1] for p in pairs])
-    lower = sum(new < old for new, old in pairs)
+    new, old = [p[0] for p in pairs], [p[1] for p in pairs]
+    mean, half, lower = paired_relative_change(new, old)
+    change, unpaired_half = relative_change_ci(new, old)
     return [f"{100 * mean:+.1f}% ± {100 * half:.1f}%", f"{lower}/{len(pairs)}", f"{100 * change:+.1f}% ± {100 * unpaired_half:.1f}%"]
 
 

@@ -46,15 +46,15 @@ import torch
 import torch.nn.functional as F
 
 from .zoo.data import DataBundle, batches, load_data
+from ..checks import check_choice, check_integer, check_positive
 from ..errors import CheckpointError, NonFiniteError
+from ..optim import BASES, METHODS
 from .checkpoints import load_checkpoint_into, load_into_model, load_state_dict
 from .io import atomic_torch_save, atomic_write_json, read_json
 from .zoo.models import seeded_build
 
 __all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "METHODS", "BASES", "SCHEDULES"]
 
-METHODS = ("sgd", "nso", "wp", "sam", "asam")
-BASES = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -101,20 +101,13 @@ class TrainConfig:
     reinit_head: bool = True
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.base not in BASES:
-            raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_choice("method", self.method, METHODS)
+        check_choice("base", self.base, BASES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_integer("epochs", self.epochs)
+        check_integer("batch_size", self.batch_size)
+        check_integer("seed", self.seed, 0)
+        check_positive("lr", self.lr)
         if not isinstance(self.model_kwargs, Mapping):
             raise ValueError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
         try:  # normalise through JSON, so a config read back from run.json compares equal

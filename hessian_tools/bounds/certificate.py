@@ -19,7 +19,11 @@ from torch import nn
 from . import pacbayes
 from ..errors import CheckpointError
 from ..results import CertificateResult, HessianMeasuresResult, LayerMeasure, TraceResult
-from ..stability import PerturbedEvaluator, gaussian_draws, make_generator
+from ..checks import check_choice, check_integer, check_positive, check_positive_numbers
+from ..estimators.probes import gaussian_rows
+from ..seeding import resolve_seed, seeded_generator
+from ..stability import PerturbedEvaluator
+from ..stats import mean_and_stderr
 
 __all__ = ["pac_bayes_certificate", "hessian_measures", "DEFAULT_SIGMAS", "LOSSES", "default_loss_max"]
 
@@ -49,21 +53,6 @@ def _bounded_ce(loss_max: float):
 
     statistic.__name__ = "bounded_ce"
     return statistic
-
-
-def _check_sigmas(sigmas) -> list[float]:
-    try:
-        grid = [float(s) for s in sigmas]
-    except (TypeError, ValueError):
-        raise ValueError(f"sigmas must be a sequence of numbers > 0, got {sigmas!r}") from None
-    if not grid:
-        raise ValueError("sigmas must hold at least one value")
-    for s in grid:
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"every sigma must be finite and > 0 (a standard deviation), got {s!r}")
-    if len(set(grid)) != len(grid):
-        raise ValueError(f"sigmas must be distinct, got {sigmas!r}")
-    return grid
 
 
 def _prior_vector(model: nn.Module, prior_state, evaluator: PerturbedEvaluator) -> torch.Tensor:
@@ -143,11 +132,10 @@ def pac_bayes_certificate(
     loss, or a ``prior_state`` that does not fit the model (missing keys, other shapes).
     """
     delta, _, delta_mc = pacbayes.split_delta(delta, delta_mc)
-    grid = _check_sigmas(sigmas)
-    if isinstance(n_mc, bool) or not isinstance(n_mc, int) or n_mc < 1:
-        raise ValueError(f"n_mc must be a positive integer, got {n_mc!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    grid = list(check_positive_numbers("sigmas", sigmas, distinct=True))
+    n_mc = check_integer("n_mc", n_mc)
+    check_choice("loss", loss, LOSSES)
+    seed = resolve_seed(seed)
     evaluator = PerturbedEvaluator(model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size)
     w0 = _prior_vector(model, prior_state, evaluator)
     n = evaluator.num_samples
@@ -162,9 +150,7 @@ def pac_bayes_certificate(
             if num_classes < 2:
                 raise ValueError(f"bounded_ce needs at least 2 logits, the model returns {num_classes}")
             loss_max = default_loss_max(num_classes)
-        loss_max = float(loss_max)
-        if not (math.isfinite(loss_max) and loss_max > 0):
-            raise ValueError(f"loss_max must be finite and > 0, got {loss_max!r}")
+        loss_max = check_positive("loss_max", loss_max)
         statistic = _bounded_ce(loss_max)
 
     w = evaluator.flat_parameters().detach().to(torch.float64).cpu()
@@ -176,10 +162,10 @@ def pac_bayes_certificate(
 
     rows = []
     for sigma in grid:
-        generator = make_generator(seed)
+        generator, _ = seeded_generator(seed)
         errors = _draw_and_evaluate(evaluator, statistic, generator, sigma, n_mc)
-        mc_mean = float(min(max(errors.mean(), 0.0), 1.0))
-        mc_se = float(errors.std(unbiased=True)) / math.sqrt(n_mc) if n_mc > 1 else math.inf
+        mc_mean, mc_se = mean_and_stderr(errors)
+        mc_mean = min(max(mc_mean, 0.0), 1.0)
         kl = pacbayes.isotropic_gaussian_kl(dist_sq, dim, sigma, sigma)
         # δ_mc/K per Monte-Carlo statement and δ_bound (÷K through grid_size) per Seeger statement.
         cert = pacbayes.certificate_bound(mc_mean, n_mc, kl, n, delta=delta_bound + delta_mc / K,
@@ -218,7 +204,7 @@ def _draw_and_evaluate(evaluator: PerturbedEvaluator, statistic, generator: torc
     step = evaluator.chunk_size or count
     out = []
     for start in range(0, count, step):
-        Z = gaussian_draws(generator, evaluator.dim, min(step, count - start))
+        Z = gaussian_rows(generator, evaluator.dim, min(step, count - start))
         out.append(evaluator.evaluate(statistic, sigma * Z))
     return torch.cat(out)
 
@@ -287,12 +273,8 @@ def hessian_measures(
     from ..operators.adapters import as_operator
     from ..operators.params import ParameterBlock
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive integer (the number of training samples), got {n!r}")
-    n = int(n)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
-    lam = float(lam)
+    n = check_integer("n", n, why=" (the number of training samples)")
+    lam = check_positive("lam", lam)
     op = as_operator(op) if not hasattr(op, "blocks") else op
     blocks = tuple(getattr(op, "blocks", None) or (ParameterBlock("all", 0, int(op.dim), (int(op.dim),)),))
 
@@ -330,7 +312,7 @@ def hessian_measures(
     for column, block in enumerate(blocks):
         V[block.slice, column] = v[block.slice]
     quads = quadratic_forms(BlockColumnsOperator(op, blocks), V, f="relu", steps=quadrature_steps, tol=quadrature_tol)
-    quad_matvecs = sum(q.matvecs for q in quads)
+    quad_hvps = sum(q.hvps for q in quads)
     layers = []
     for block, (T, T_se), q in zip(blocks, block_traces, quads):
         d = float(v[block.slice].norm())
@@ -373,8 +355,8 @@ def hessian_measures(
         distance_hessian=sum(l.distance_hessian for l in layers),
         distance_hessian_change=sum(change_of(l) for l in layers),
         trace_radius=radius, trace_radius_stderr=radius_se, trace=T, trace_stderr=T_se, dist=dist, loss=loss,
-        n=n, lam=lam, seed=trace_result.seed, matvecs=int(trace_result.matvecs) + quad_matvecs,
-        trace_matvecs=int(trace_result.matvecs), quadrature_matvecs=quad_matvecs,
+        n=n, lam=lam, seed=trace_result.seed, hvps=int(trace_result.hvps) + quad_hvps,
+        trace_hvps=int(trace_result.hvps), quadrature_hvps=quad_hvps,
         quadrature_steps=int(quadrature_steps), layers=tuple(layers),
         note="MEASURES, not certificates: Taylor-approximated / constants dropped; no 1 − δ guarantee",
     )

@@ -22,9 +22,17 @@ Bad input raises :class:`ValueError` with one line naming the argument.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
+
+from ..checks import (
+    check_integer,
+    check_nonnegative,
+    check_number,
+    check_open_unit_interval,
+    check_positive_array,
+    check_unit_interval,
+)
 
 __all__ = [
     "binary_kl",
@@ -60,56 +68,14 @@ _MAX_BISECT = 2200  # enough to reach adjacent doubles anywhere in [0, 1]
 
 
 # --------------------------------------------------------------------------------------------
-# validation
+# validation (the package's one family of checks, named for what they check here)
 # --------------------------------------------------------------------------------------------
 def _real(name, x):
-    if isinstance(x, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a real number, got {x!r}")
-    if not isinstance(x, numbers.Real):
-        try:
-            x = float(np.asarray(x, dtype=np.float64).item())
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a real number, got {x!r}") from None
-    x = float(x)
-    if math.isnan(x):
-        raise ValueError(f"{name} must not be NaN")
-    return x
-
-
-def _unit(name, x):
-    x = _real(name, x)
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1] (a loss bounded in [0, 1]), got {x!r}")
-    return x
-
-
-def _delta(name, x):
-    x = _real(name, x)
-    if not 0.0 < x < 1.0:
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {x!r}")
-    return x
-
-
-def _count(name, x, minimum=1, why=""):
-    xr = _real(name, x)
-    if not math.isfinite(xr) or xr != math.floor(xr):
-        raise ValueError(f"{name} must be an integer, got {x!r}")
-    if xr < minimum:
-        raise ValueError(f"{name} must be >= {minimum}{why}, got {x!r}")
-    return int(xr)
+    return check_number(name, x, finite=False)
 
 
 def _n_maurer(n):
-    return _count("n", n, MIN_N_MAURER, " (Maurer's bound E exp(n kl) <= 2 sqrt(n) is proved for n >= 8)")
-
-
-def _kl(name, x):
-    x = _real(name, x)
-    if x < 0.0:
-        raise ValueError(f"{name} must be >= 0 (a KL divergence), got {x!r}")
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x!r}")
-    return x
+    return check_integer("n", n, MIN_N_MAURER, integral_floats=True, why=" (Maurer's bound E exp(n kl) <= 2 sqrt(n) is proved for n >= 8)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +151,7 @@ def _vectorise(func, q, c, **kw):
 
 
 def _kl_inv_upper_scalar(q, c, tol):
-    q = _unit("q", q)
+    q = check_unit_interval("q", q)
     c = _real("c", c)
     if c < 0.0:
         raise ValueError(f"c must be >= 0, got {c!r}")
@@ -234,7 +200,7 @@ def kl_inverse_upper(q, c, tol=1e-12):
 
 
 def _kl_inv_lower_scalar(q, c, tol):
-    q = _unit("q", q)
+    q = check_unit_interval("q", q)
     c = _real("c", c)
     if c < 0.0:
         raise ValueError(f"c must be >= 0, got {c!r}")
@@ -279,9 +245,9 @@ def kl_inverse_lower(q, c, tol=1e-12):
 def maurer_complexity(kl, n, delta):
     """``(KL + ln(2√n/δ)) / n``: the right-hand side of the PAC-Bayes-kl bound (see
     :func:`seeger_bound`). Requires ``n ≥ 8``, ``δ ∈ (0, 1)``, ``KL ≥ 0``."""
-    kl = _kl("kl", kl)
+    kl = check_nonnegative("kl", kl)
     n = _n_maurer(n)
-    delta = _delta("delta", delta)
+    delta = check_open_unit_interval("delta", delta)
     return (kl + math.log(2.0 * math.sqrt(n)) - math.log(delta)) / n
 
 
@@ -296,7 +262,7 @@ def seeger_bound(emp_risk, kl, n, delta):
     The value is at most 1 and is the tightest of the bounds here that share its complexity term
     (:func:`mcallester_bound`, :func:`quad_bound`, :func:`lambda_bound` are relaxations of it).
     """
-    emp_risk = _unit("emp_risk", emp_risk)
+    emp_risk = check_unit_interval("emp_risk", emp_risk)
     return float(kl_inverse_upper(emp_risk, maurer_complexity(kl, n, delta)))
 
 
@@ -310,7 +276,7 @@ def mcallester_bound(emp_risk, kl, n, delta):
     It follows from :func:`seeger_bound` and Pinsker's inequality ``kl(q‖p) ≥ 2(p − q)²``, so it
     is never smaller than the Seeger bound. May exceed 1 (vacuous).
     """
-    emp_risk = _unit("emp_risk", emp_risk)
+    emp_risk = check_unit_interval("emp_risk", emp_risk)
     return emp_risk + math.sqrt(maurer_complexity(kl, n, delta) / 2.0)
 
 
@@ -330,10 +296,10 @@ def catoni_bound(emp_risk, kl, n, delta, grid=DEFAULT_CATONI_GRID):
     right-hand side equals ``kl⁻¹(L̂, (KL + ln(1/δ'))/n)``, so the result is never below that.
     May exceed 1 (vacuous) on a coarse grid.
     """
-    emp_risk = _unit("emp_risk", emp_risk)
-    kl = _kl("kl", kl)
-    n = _count("n", n)
-    delta = _delta("delta", delta)
+    emp_risk = check_unit_interval("emp_risk", emp_risk)
+    kl = check_nonnegative("kl", kl)
+    n = check_integer("n", n, integral_floats=True)
+    delta = check_open_unit_interval("delta", delta)
     g = np.asarray(grid, dtype=np.float64).ravel()
     if g.size == 0:
         raise ValueError("grid must contain at least one value of C")
@@ -356,16 +322,13 @@ def quad_bound(emp_risk, kl, n, delta):
     ``kl(q‖p) ≥ (p − q)²/(2p)`` for ``q ≤ p``; it equals :func:`lambda_bound` at
     :func:`optimal_lambda`. May exceed 1 (vacuous).
     """
-    emp_risk = _unit("emp_risk", emp_risk)
+    emp_risk = check_unit_interval("emp_risk", emp_risk)
     eps = maurer_complexity(kl, n, delta) / 2.0
     return (math.sqrt(emp_risk + eps) + math.sqrt(eps)) ** 2
 
 
 def _lam(lam):
-    lam = _real("lam", lam)
-    if not 0.0 < lam < 2.0:
-        raise ValueError(f"lam must be in the open interval (0, 2), got {lam!r}")
-    return lam
+    return check_number("lam", lam, minimum=0.0, maximum=2.0, open_minimum=True, open_maximum=True)
 
 
 def lambda_bound(emp_risk, kl, n, delta, lam):
@@ -380,7 +343,7 @@ def lambda_bound(emp_risk, kl, n, delta, lam):
     be chosen after seeing the data, e.g. by :func:`optimal_lambda`, at no extra cost.
     May exceed 1 (vacuous).
     """
-    emp_risk = _unit("emp_risk", emp_risk)
+    emp_risk = check_unit_interval("emp_risk", emp_risk)
     lam = _lam(lam)
     comp = maurer_complexity(kl, n, delta)
     return (emp_risk + comp / lam) / (1.0 - lam / 2.0)
@@ -394,7 +357,7 @@ def optimal_lambda(emp_risk, kl, n, delta):
     At λ* the λ-bound equals :func:`quad_bound`. (With ``c = (KL + ln(2√n/δ))/n`` and
     ``s = √(2L̂/c + 1)``, both are ``c (s + 1)² / 2``.)
     """
-    emp_risk = _unit("emp_risk", emp_risk)
+    emp_risk = check_unit_interval("emp_risk", emp_risk)
     comp = maurer_complexity(kl, n, delta)
     return 2.0 / (math.sqrt(2.0 * emp_risk / comp + 1.0) + 1.0)
 
@@ -406,10 +369,10 @@ def all_bounds(emp_risk, kl, n, delta):
     Each entry is a separate statement holding with probability ≥ 1 − δ; reporting the minimum of
     several would need a union bound (δ/k each). Requires ``n ≥ 8``.
     """
-    emp_risk = _unit("emp_risk", emp_risk)
-    kl = _kl("kl", kl)
+    emp_risk = check_unit_interval("emp_risk", emp_risk)
+    kl = check_nonnegative("kl", kl)
     n = _n_maurer(n)
-    delta = _delta("delta", delta)
+    delta = check_open_unit_interval("delta", delta)
     lam = optimal_lambda(emp_risk, kl, n, delta)
     return {
         "seeger": seeger_bound(emp_risk, kl, n, delta),
@@ -424,15 +387,6 @@ def all_bounds(emp_risk, kl, n, delta):
 # --------------------------------------------------------------------------------------------
 # KL between Gaussians, prior grids
 # --------------------------------------------------------------------------------------------
-def _positive_array(name, x):
-    a = np.asarray(x, dtype=np.float64)
-    if np.any(np.isnan(a)) or np.any(~np.isfinite(a)):
-        raise ValueError(f"{name} must be finite")
-    if np.any(a <= 0.0):
-        raise ValueError(f"{name} must be > 0 (a variance / standard deviation), got min {a.min()!r}")
-    return a
-
-
 def _r_minus_1_minus_log_r(x, log_r):
     """``r − 1 − ln r`` given ``x = r − 1`` (accurate near r = 1) and ``ln r`` (for far r)."""
     near = np.abs(x) < 0.5
@@ -449,8 +403,8 @@ def gaussian_kl(mu_q, var_q, mu_p, var_p):
     Computed as ½ Σ [(r − 1 − ln r) + (μ_q − μ_p)²/var_p] with ``r = var_q/var_p`` (each term
     ≥ 0; rounding is clipped at 0). Variances (not standard deviations) must be > 0.
     """
-    vq = _positive_array("var_q", var_q)
-    vp = _positive_array("var_p", var_p)
+    vq = check_positive_array("var_q", var_q)
+    vp = check_positive_array("var_p", var_p)
     mq = np.asarray(mu_q, dtype=np.float64)
     mp = np.asarray(mu_p, dtype=np.float64)
     if not (np.all(np.isfinite(mq)) and np.all(np.isfinite(mp))):
@@ -472,9 +426,9 @@ def isotropic_gaussian_kl(dist_sq, dim, sigma_q, sigma_p):
     dist_sq = _real("dist_sq", dist_sq)
     if dist_sq < 0.0 or not math.isfinite(dist_sq):
         raise ValueError(f"dist_sq must be finite and >= 0, got {dist_sq!r}")
-    dim = _count("dim", dim)
-    sq = float(_positive_array("sigma_q", _real("sigma_q", sigma_q)))
-    sp = float(_positive_array("sigma_p", _real("sigma_p", sigma_p)))
+    dim = check_integer("dim", dim, integral_floats=True)
+    sq = float(check_positive_array("sigma_q", _real("sigma_q", sigma_q)))
+    sp = float(check_positive_array("sigma_p", _real("sigma_p", sigma_p)))
     x = (sq - sp) * (sq + sp) / (sp * sp)
     log_r = 2.0 * (math.log(sq) - math.log(sp))
     per_dim = float(_r_minus_1_minus_log_r(np.float64(x), np.float64(log_r)))
@@ -489,7 +443,7 @@ def prior_grid_cost(num_choices):
     together with probability ≥ 1 − δ. Since every bound here contains ``ln(·/δ)``, using ``δ/K``
     is the same as adding ``ln K`` to KL.
     """
-    return math.log(_count("num_choices", num_choices))
+    return math.log(check_integer("num_choices", num_choices, integral_floats=True))
 
 
 def dziugaite_roy_prior_scale(b, c, j):
@@ -511,7 +465,7 @@ def dziugaite_roy_prior_scale(b, c, j):
         raise ValueError(f"b must be finite and > 0, got {b!r}")
     if not (c > 0.0 and math.isfinite(c)):
         raise ValueError(f"c must be finite and > 0, got {c!r}")
-    j = _count("j", j)
+    j = check_integer("j", j, integral_floats=True)
     return c * math.exp(-j / b), 2.0 * math.log(j) + math.log(math.pi ** 2 / 6.0)
 
 
@@ -533,9 +487,9 @@ def mc_risk_upper(mc_mean, m, delta_mc):
     form.) Combined with a PAC-Bayes bound at δ_bound, the total confidence is
     1 − (δ_bound + δ_mc) by a union bound — see :func:`certificate_bound`.
     """
-    mc_mean = _unit("mc_mean", mc_mean)
-    m = _count("m", m)
-    delta_mc = _delta("delta_mc", delta_mc)
+    mc_mean = check_unit_interval("mc_mean", mc_mean)
+    m = check_integer("m", m, integral_floats=True)
+    delta_mc = check_open_unit_interval("delta_mc", delta_mc)
     return float(kl_inverse_upper(mc_mean, (math.log(2.0) - math.log(delta_mc)) / m))
 
 
@@ -543,10 +497,10 @@ def split_delta(delta, delta_mc=None) -> tuple[float, float, float]:
     """Split the total failure probability δ = δ_bound + δ_mc between the PAC-Bayes bound and the
     Monte-Carlo estimate of the stochastic predictor's risk (a union bound); δ_mc defaults to δ/2
     and must lie in (0, δ). Returns ``(delta, delta_bound, delta_mc)``."""
-    delta = _delta("delta", delta)
+    delta = check_open_unit_interval("delta", delta)
     if delta_mc is None:
         delta_mc = delta / 2.0
-    delta_mc = _delta("delta_mc", delta_mc)
+    delta_mc = check_open_unit_interval("delta_mc", delta_mc)
     if not delta_mc < delta:
         raise ValueError(f"delta_mc must be < delta (delta = delta_bound + delta_mc), got {delta_mc!r} >= {delta!r}")
     return delta, delta - delta_mc, delta_mc
@@ -570,9 +524,9 @@ def certificate_bound(mc_mean, m, kl, n, delta, delta_mc=None, grid_size=1):
     intermediate: ``mc_mean, m, emp_risk_upper, kl, grid_size, grid_cost, n, kl_term, delta,
     delta_bound, delta_mc, bound``.
     """
-    mc_mean = _unit("mc_mean", mc_mean)
-    m = _count("m", m)
-    kl = _kl("kl", kl)
+    mc_mean = check_unit_interval("mc_mean", mc_mean)
+    m = check_integer("m", m, integral_floats=True)
+    kl = check_nonnegative("kl", kl)
     n = _n_maurer(n)
     delta, delta_bound, delta_mc = split_delta(delta, delta_mc)
     grid_cost = prior_grid_cost(grid_size)

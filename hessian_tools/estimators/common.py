@@ -1,10 +1,9 @@
 """Helpers shared by the estimators: operator access in float64 and per-block reductions."""
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..checks import check_open_unit_interval
 from ..operators.adapters import as_operator
 
 
@@ -14,7 +13,7 @@ class CountingOperator:
     def __init__(self, op):
         self.op = as_operator(op)
         self.dim = int(self.op.dim)
-        self.matvecs = 0
+        self.hvps = 0
         self.device = getattr(self.op, "device", torch.device("cpu"))
         self.blocks = getattr(self.op, "blocks", None)
 
@@ -23,7 +22,7 @@ class CountingOperator:
         if V.shape[1] == 0:
             return torch.zeros_like(V, dtype=torch.float64)
         out = self.op.matmat(V.to(device=self.device, dtype=getattr(self.op, "dtype", torch.float64)))
-        self.matvecs += V.shape[1]
+        self.hvps += V.shape[1]
         return out.to(torch.float64)
 
 
@@ -43,24 +42,6 @@ def block_sums(values: torch.Tensor, index: torch.Tensor, n_blocks: int) -> torc
     return out.index_add_(0, index, values)
 
 
-def mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
-    """Sample mean and its standard error std(ddof=1)/√n (inf for fewer than 2 samples)."""
-    n = samples.numel()
-    mean = float(samples.mean())
-    if n < 2:
-        return mean, math.inf
-    return mean, float(samples.std(unbiased=True)) / math.sqrt(n)
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return value
-
-
 def check_rtol(rtol) -> float | None:
-    if rtol is None:
-        return None
-    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
-        raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
-    return float(rtol)
+    """A relative tolerance in (0, 1), or None (no tolerance: a fixed budget)."""
+    return None if rtol is None else check_open_unit_interval("rtol", rtol)

@@ -39,9 +39,12 @@ import math
 import numpy as np
 
 from ..results import DensityResult
-from .common import CountingOperator, check_positive_int, mean_and_stderr
+from ..checks import check_integer, check_positive
+from ..seeding import seeded_generator
+from ..stats import mean_and_stderr
+from .common import CountingOperator
 from .lanczos import gauss_quadrature, lanczos_tridiagonal
-from .probes import make_generator, rademacher
+from .probes import rademacher
 
 SIGMA_FRACTION = 1 / 200  # default sigma as a fraction of the Ritz-value range
 GRID_PAD_SIGMAS = 5.0  # the default grid extends this many sigmas beyond the extreme Ritz values
@@ -61,17 +64,18 @@ def density(
     """Spectral density of H by SLQ with ``n_probes`` unit Rademacher probes and ``steps`` batched
     Lanczos steps (see the module docstring). ``grid`` (1-D, increasing) overrides the default grid;
     ``sigma`` overrides the default smoothing width."""
-    check_positive_int("n_probes", n_probes)
-    check_positive_int("steps", steps)
-    check_positive_int("grid_size", grid_size, 2)
-    if sigma is not None and not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    check_integer("n_probes", n_probes)
+    check_integer("steps", steps)
+    check_integer("grid_size", grid_size, 2)
+    if sigma is not None:
+        sigma = check_positive("sigma", sigma)
     if grid is not None:
         grid = np.asarray(grid, dtype=float)
         if grid.ndim != 1 or grid.size < 2 or not np.all(np.isfinite(grid)) or not np.all(np.diff(grid) > 0):
             raise ValueError("grid must be a 1-D strictly increasing array of at least 2 finite points")
     H = CountingOperator(op)
-    Z = rademacher(H.dim, n_probes, make_generator(seed)) / math.sqrt(H.dim)
+    generator, seed = seeded_generator(seed)
+    Z = rademacher(H.dim, n_probes, generator) / math.sqrt(H.dim)
     tri = lanczos_tridiagonal(H, Z, steps, reorthogonalize=reorthogonalize)
     nodes_t, weights_t = gauss_quadrature(tri.alphas, tri.betas, tri.lengths)
     nodes, weights = nodes_t.cpu().numpy(), weights_t.cpu().numpy()
@@ -102,7 +106,7 @@ def density(
         sigma=sigma,
         dim=H.dim,
         moments=moments,
-        matvecs=H.matvecs,
+        hvps=H.hvps,
         seed=seed,
         n_probes=n_probes,
         steps=steps,

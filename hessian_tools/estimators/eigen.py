@@ -26,8 +26,10 @@ import math
 import torch
 
 from ..results import EigenResult
-from .common import CountingOperator, check_positive_int
-from .probes import gaussian, make_generator
+from ..checks import check_choice, check_integer, check_positive
+from ..seeding import seeded_generator
+from .common import CountingOperator
+from .probes import gaussian
 
 WHICH = ("LA", "SA", "LM")
 
@@ -40,33 +42,32 @@ def eigenvalues(
     seed: int | None = 0,
     *,
     method: str = "lanczos",
-    max_matvecs: int = 2000,
+    max_hvps: int = 2000,
     block_size: int = 1,
     max_basis: int | None = None,
     atol: float = 0.0,
 ) -> EigenResult:
     """The ``k`` eigenvalues of H that are largest (``"LA"``), smallest (``"SA"``) or largest in
     magnitude (``"LM"``), with their eigenvectors and residual norms (see module docstring)."""
-    check_positive_int("k", k)
-    check_positive_int("max_matvecs", max_matvecs)
-    check_positive_int("block_size", block_size)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    check_integer("k", k)
+    check_integer("max_hvps", max_hvps)
+    check_integer("block_size", block_size)
+    check_choice("which", which, WHICH)
+    tol = check_positive("tol", tol)
+    generator, seed = seeded_generator(seed)
     H = CountingOperator(op)
     if k > H.dim:
         raise ValueError(f"k={k} exceeds the operator dimension {H.dim}")
     if method == "lanczos":
-        values, vectors, residuals, converged = _lanczos(H, k, which, tol, atol, seed, max_matvecs, block_size, max_basis)
+        values, vectors, residuals, converged = _lanczos(H, k, which, tol, atol, generator, max_hvps, block_size, max_basis)
     elif method == "power":
         if which != "LM":
             raise ValueError("power iteration finds the largest-magnitude eigenvalues only: use which='LM'")
-        values, vectors, residuals, converged = _power(H, k, tol, atol, seed, max_matvecs)
+        values, vectors, residuals, converged = _power(H, k, tol, atol, generator, max_hvps)
     else:
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     return EigenResult(
-        values=values.numpy(), residuals=residuals.numpy(), converged=converged, matvecs=H.matvecs,
+        values=values.numpy(), residuals=residuals.numpy(), converged=converged, hvps=H.hvps,
         which=which, method=method, tol=float(tol), seed=seed, vectors=vectors,
     )
 
@@ -99,11 +100,10 @@ def _orthonormalize(X: torch.Tensor, Q: torch.Tensor, scale: float) -> torch.Ten
     return torch.stack(keep, dim=1) if keep else X[:, :0]
 
 
-def _lanczos(H: CountingOperator, k, which, tol, atol, seed, max_matvecs, block_size, max_basis):
+def _lanczos(H: CountingOperator, k, which, tol, atol, generator, max_hvps, block_size, max_basis):
     n = H.dim
     max_basis = min(n, max_basis or max(3 * k + 2 * block_size, 30))
     keep_on_restart = min(max(k + (max_basis - k) // 2, k), max_basis - block_size)
-    generator = make_generator(seed)
     Q = torch.zeros(n, 0, dtype=torch.float64)
     HQ = torch.zeros(n, 0, dtype=torch.float64)
     X = gaussian(n, block_size, generator)
@@ -116,7 +116,7 @@ def _lanczos(H: CountingOperator, k, which, tol, atol, seed, max_matvecs, block_
             X = _orthonormalize(gaussian(n, 1, generator), Q, 1.0)  # invariant subspace: fresh direction
             if X.shape[1] == 0:
                 break
-        X = X[:, : max(1, min(X.shape[1], max_matvecs - H.matvecs))]
+        X = X[:, : max(1, min(X.shape[1], max_hvps - H.hvps))]
         HX = H.matmat(X).to(X.device)
         Q, HQ = torch.cat([Q, X], dim=1), torch.cat([HQ, HX], dim=1)
         T = Q.T @ HQ
@@ -130,7 +130,7 @@ def _lanczos(H: CountingOperator, k, which, tol, atol, seed, max_matvecs, block_
         if (len(want) == k and bool(ok.all())) or Q.shape[1] >= n:
             converged = len(want) == k
             break
-        if H.matvecs >= max_matvecs:
+        if H.hvps >= max_hvps:
             break
         pending = [i for i in range(len(want)) if not ok[i]] or list(range(len(want)))
         X = R[:, pending[:block_size]]
@@ -142,8 +142,7 @@ def _lanczos(H: CountingOperator, k, which, tol, atol, seed, max_matvecs, block_
     return theta_w.cpu(), Y.cpu(), res.cpu(), bool(converged and len(want) == k)
 
 
-def _power(H: CountingOperator, k, tol, atol, seed, max_matvecs):
-    generator = make_generator(seed)
+def _power(H: CountingOperator, k, tol, atol, generator, max_hvps):
     values, vectors, residuals, all_converged = [], [], [], True
     U = torch.zeros(H.dim, 0, dtype=torch.float64)
     lam_U = torch.zeros(0, dtype=torch.float64)
@@ -151,7 +150,7 @@ def _power(H: CountingOperator, k, tol, atol, seed, max_matvecs):
         v = gaussian(H.dim, 1, generator)[:, 0]
         v = v / v.norm()
         lam, res, converged = 0.0, math.inf, False
-        while H.matvecs < max_matvecs:
+        while H.hvps < max_hvps:
             Hv = H.matmat(v[:, None])[:, 0] - U @ (lam_U * (U.T @ v))  # deflated product
             lam = float(v @ Hv)
             res = float((Hv - lam * v).norm())

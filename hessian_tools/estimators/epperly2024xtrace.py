@@ -3,7 +3,7 @@ estimation", SIAM J. Matrix Anal. Appl. 45(1), 2024).
 
 Hutch++ spends its probes on two separate jobs: a sketch Q that captures the top of the spectrum,
 and Hutchinson probes for the rest. XTrace uses every probe for both jobs (the *exchangeability*
-principle). With s = ⌊max_matvecs/2⌋ probes Ω = [ω_1 … ω_s] and Y = HΩ:
+principle). With s = ⌊max_hvps/2⌋ probes Ω = [ω_1 … ω_s] and Y = HΩ:
 
 * for each i, Q_(i) = orth(Y without column i) — a rank-(s−1) sketch that does not depend on ω_i;
 * estimate_i = tr(Q_(i)ᵀ H Q_(i)) + ω̃_iᵀ (I − Q_(i)Q_(i)ᵀ) H (I − Q_(i)Q_(i)ᵀ) ω̃_i,
@@ -54,17 +54,20 @@ import math
 import torch
 
 from ..results import TraceResult
-from .common import CountingOperator, block_index, block_sums, check_positive_int, mean_and_stderr
+from ..checks import check_integer
+from ..seeding import seeded_generator
+from ..stats import mean_and_stderr
+from .common import CountingOperator, block_index, block_sums
 from .hutchinson import block_results
-from .probes import gaussian, make_generator
+from .probes import gaussian
 
 
-def xtrace(op, *, max_matvecs: int = 100, seed: int | None = 0, keep_samples: bool = True) -> TraceResult:
-    """Estimate tr(H) by XTrace with s = ⌊max_matvecs/2⌋ probes (2s HVPs); see the module docstring."""
-    check_positive_int("max_matvecs", max_matvecs, 4)
+def xtrace(op, *, max_hvps: int = 100, seed: int | None = 0, keep_samples: bool = True) -> TraceResult:
+    """Estimate tr(H) by XTrace with s = ⌊max_hvps/2⌋ probes (2s HVPs); see the module docstring."""
+    check_integer("max_hvps", max_hvps, 4)
     H = CountingOperator(op)
     n = H.dim
-    s = max_matvecs // 2
+    s = max_hvps // 2
     names, index = block_index(H.blocks, n, device=H.device)
     if s >= n:  # exact: the budget covers the whole space
         Z = H.matmat(torch.eye(n, dtype=torch.float64, device=H.device))
@@ -72,9 +75,10 @@ def xtrace(op, *, max_matvecs: int = 100, seed: int | None = 0, keep_samples: bo
         blocks = ()
         if names is not None:
             blocks = block_results(H.blocks, torch.zeros(len(names), 2, dtype=torch.float64), block_sums(diag, index, len(names))[:, 0])
-        return TraceResult(float(diag.sum()), 0.0, H.matvecs, "xtrace", seed, 0, None, True, blocks, ())
+        return TraceResult(float(diag.sum()), 0.0, H.hvps, "xtrace", seed, 0, None, True, blocks, ())
 
-    Omega = gaussian(n, s, make_generator(seed))
+    generator, seed = seeded_generator(seed)
+    Omega = gaussian(n, s, generator)
     Omega = (Omega * (math.sqrt(n) / Omega.norm(dim=0))).to(H.device)
     Y = H.matmat(Omega)
     Q, R = torch.linalg.qr(Y)
@@ -93,7 +97,7 @@ def xtrace(op, *, max_matvecs: int = 100, seed: int | None = 0, keep_samples: bo
     return TraceResult(
         estimate=estimate,
         stderr=stderr,
-        matvecs=H.matvecs,
+        hvps=H.hvps,
         method="xtrace",
         seed=seed,
         n_probes=s,

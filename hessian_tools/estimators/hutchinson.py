@@ -23,8 +23,11 @@ from typing import Callable
 import torch
 
 from ..results import Z95, BlockTrace, TraceResult
-from .common import CountingOperator, block_index, block_sums, check_positive_int, check_rtol, mean_and_stderr
-from .probes import make_generator, rademacher
+from ..checks import check_integer
+from ..seeding import seeded_generator
+from ..stats import mean_and_stderr
+from .common import CountingOperator, block_index, block_sums, check_rtol
+from .probes import rademacher
 
 
 @dataclasses.dataclass
@@ -78,7 +81,7 @@ def hutchinson(
     *,
     n_probes: int | None = None,
     rtol: float | None = None,
-    max_matvecs: int = 1000,
+    max_hvps: int = 1000,
     min_probes: int = 10,
     block_size: int = 16,
     seed: int | None = 0,
@@ -87,20 +90,21 @@ def hutchinson(
     """Estimate tr(H) with Rademacher probes.
 
     Either a fixed budget (``n_probes``, default 100 when ``rtol`` is None) or the sequential
-    rule (``rtol`` given: stop at 1.96·stderr ≤ rtol·|estimate|, at most ``max_matvecs`` probes).
+    rule (``rtol`` given: stop at 1.96·stderr ≤ rtol·|estimate|, at most ``max_hvps`` probes).
     ``block_size`` probes share one data pass; with ``rtol`` the next block is sized from the
     current variance estimate (never fewer than ``block_size``).
     """
     rtol = check_rtol(rtol)
-    check_positive_int("max_matvecs", max_matvecs)
-    check_positive_int("min_probes", min_probes, 2)
-    check_positive_int("block_size", block_size)
+    check_integer("max_hvps", max_hvps)
+    check_integer("min_probes", min_probes, 2)
+    check_integer("block_size", block_size)
     if n_probes is None:
-        n_probes = 100 if rtol is None else max_matvecs
-    check_positive_int("n_probes", n_probes, 2)
+        n_probes = 100 if rtol is None else max_hvps
+    check_integer("n_probes", n_probes, 2)
     H = CountingOperator(op)
+    generator, seed = seeded_generator(seed)
     drawn = sample_quadratic_forms(
-        H, make_generator(seed), min(n_probes, max_matvecs), rtol=rtol, min_probes=min_probes, block_size=block_size
+        H, generator, min(n_probes, max_hvps), rtol=rtol, min_probes=min_probes, block_size=block_size
     )
     return trace_result(drawn, H, "hutchinson", seed, rtol, keep_samples)
 
@@ -113,7 +117,7 @@ def trace_result(drawn: QuadraticFormSamples, H: CountingOperator, method: str, 
     return TraceResult(
         estimate=exact + mean,
         stderr=stderr,
-        matvecs=H.matvecs,
+        hvps=H.hvps,
         method=method,
         seed=seed,
         n_probes=drawn.totals.numel(),

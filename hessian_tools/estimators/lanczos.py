@@ -36,7 +36,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .common import CountingOperator, check_positive_int
+from ..checks import check_integer
+from .common import CountingOperator
 
 
 class Tridiagonal(NamedTuple):
@@ -63,7 +64,7 @@ class BatchedLanczos:
 
     def __init__(self, H, V0: torch.Tensor, steps: int, *, reorthogonalize: bool = True, breakdown_tol: float = 1e-10):
         self.H = H if isinstance(H, CountingOperator) else CountingOperator(H)
-        check_positive_int("steps", steps)
+        check_integer("steps", steps)
         if not isinstance(V0, torch.Tensor) or V0.ndim != 2 or V0.shape[0] != self.H.dim:
             shape = tuple(V0.shape) if isinstance(V0, torch.Tensor) else type(V0).__name__
             raise ValueError(f"starting vectors must be a tensor of shape ({self.H.dim}, K), got {shape}")

@@ -19,15 +19,17 @@ from __future__ import annotations
 import torch
 
 from ..results import TraceResult
-from .common import CountingOperator, block_index, block_sums, check_positive_int, check_rtol
+from ..checks import check_integer
+from ..seeding import seeded_generator
+from .common import CountingOperator, block_index, block_sums, check_rtol
 from .hutchinson import block_results, sample_quadratic_forms, trace_result
-from .probes import make_generator, rademacher
+from .probes import rademacher
 
 
 def hutchpp(
     op,
     *,
-    max_matvecs: int = 99,
+    max_hvps: int = 99,
     sketch: int | None = None,
     rtol: float | None = None,
     min_probes: int = 10,
@@ -37,20 +39,20 @@ def hutchpp(
 ) -> TraceResult:
     """Estimate tr(H) by Hutch++.
 
-    Fixed budget (``rtol`` None): sketch size s = ``sketch`` (default ⌊max_matvecs/3⌋), then
-    max_matvecs − 2s residual probes. With ``rtol``: the sketch (default min(⌊max_matvecs/3⌋, 20))
+    Fixed budget (``rtol`` None): sketch size s = ``sketch`` (default ⌊max_hvps/3⌋), then
+    max_hvps − 2s residual probes. With ``rtol``: the sketch (default min(⌊max_hvps/3⌋, 20))
     is followed by residual probes until 1.96·stderr ≤ rtol·|estimate| or the budget is spent.
     """
     rtol = check_rtol(rtol)
-    check_positive_int("max_matvecs", max_matvecs, 3)
+    check_integer("max_hvps", max_hvps, 3)
     H = CountingOperator(op)
     if sketch is None:
-        sketch = max_matvecs // 3 if rtol is None else min(max_matvecs // 3, 20)
-    check_positive_int("sketch", sketch)
+        sketch = max_hvps // 3 if rtol is None else min(max_hvps // 3, 20)
+    check_integer("sketch", sketch)
     sketch = min(sketch, H.dim)
-    if 2 * sketch + 2 > max_matvecs and sketch < H.dim:
-        raise ValueError(f"max_matvecs={max_matvecs} leaves no residual probes after a sketch of {sketch} (needs 2·sketch + 2)")
-    generator = make_generator(seed)
+    if 2 * sketch + 2 > max_hvps and sketch < H.dim:
+        raise ValueError(f"max_hvps={max_hvps} leaves no residual probes after a sketch of {sketch} (needs 2·sketch + 2)")
+    generator, seed = seeded_generator(seed)
     S = rademacher(H.dim, sketch, generator)
     Q, _ = torch.linalg.qr(H.matmat(S))
     HQ = H.matmat(Q)
@@ -59,14 +61,14 @@ def hutchpp(
     names, index = block_index(H.blocks, H.dim)
     exact_blocks = block_sums(exact_diag, index, len(names))[:, 0] if names is not None else None
     if sketch >= H.dim:  # Q spans everything: the trace is exact
-        return TraceResult(exact, 0.0, H.matvecs, "hutchpp", seed, 0, rtol, True,
+        return TraceResult(exact, 0.0, H.hvps, "hutchpp", seed, 0, rtol, True,
                            block_results(H.blocks, torch.zeros(len(names), 2, dtype=torch.float64), exact_blocks) if names else ())
 
     def project(Z: torch.Tensor) -> torch.Tensor:
         return Z - Q @ (Q.T @ Z)
 
     drawn = sample_quadratic_forms(
-        H, generator, max_matvecs - H.matvecs, rtol=rtol, min_probes=min_probes,
+        H, generator, max_hvps - H.hvps, rtol=rtol, min_probes=min_probes,
         block_size=block_size, offset=exact, project=project,
     )
     return trace_result(drawn, H, "hutchpp", seed, rtol, keep_samples, exact, exact_blocks)

@@ -34,7 +34,8 @@ import torch
 
 from ..operators.adapters import as_operator
 from ..results import QuadratureResult
-from .common import CountingOperator, check_positive_int
+from ..checks import check_integer, check_nonnegative
+from .common import CountingOperator
 from .lanczos import BatchedLanczos, gauss_quadrature
 
 #: built-in functions with a kink at 0: while every Ritz value is on one side of 0 their Gauss rule
@@ -61,12 +62,11 @@ def quadratic_form(op, v: torch.Tensor, f="relu", steps: int = 50, tol: float = 
 def quadratic_forms(op, V: torch.Tensor, f="relu", steps: int = 50, tol: float = 1e-8) -> list[QuadratureResult]:
     """vₖᵀ f(H) vₖ for every column vₖ of V (dim, K), all K Lanczos processes batched.
 
-    Each result's ``matvecs`` is the HVPs spent on its own vector (= its ``steps``); a zero column
+    Each result's ``hvps`` is the HVPs spent on its own vector (= its ``steps``); a zero column
     gives an exact 0 at no cost.
     """
-    check_positive_int("steps", steps)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a number ≥ 0, got {tol!r}")
+    check_integer("steps", steps)
+    tol = check_nonnegative("tol", tol)
     fn, name = _function(f)
     H = CountingOperator(op)
     if not isinstance(V, torch.Tensor) or V.ndim != 2 or V.shape[0] != H.dim:
@@ -105,7 +105,7 @@ def quadratic_forms(op, V: torch.Tensor, f="relu", steps: int = 50, tol: float =
             estimate=float(estimate[position]),
             change=float(change[position]),
             steps=length,
-            matvecs=length,
+            hvps=length,
             exhausted=bool(state.exhausted[position]),
             function=name,
         )

@@ -15,24 +15,24 @@ from .meyer2021hutchpp import hutchpp
 METHODS = ("hutchpp", "hutchinson", "xtrace")
 
 
-def trace(op, method: str = "hutchpp", rtol: float | None = None, max_matvecs: int | None = None, seed: int | None = 0, **options) -> TraceResult:
+def trace(op, method: str = "hutchpp", rtol: float | None = None, max_hvps: int | None = None, seed: int | None = 0, **options) -> TraceResult:
     """Estimate tr(H) of any operator (``dim`` + ``matmat``).
 
     ``rtol``: stop once the 95% half-width ≤ rtol·|estimate| (sequential; Hutchinson and Hutch++).
-    ``max_matvecs``: the HVP budget (default 100 with rtol=None, 1000 with rtol).
+    ``max_hvps``: the HVP budget (default 100 with rtol=None, 1000 with rtol).
     Other keyword options go to the method (``sketch=``, ``block_size=``, ``min_probes=``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown trace method {method!r}; choose one of {', '.join(METHODS)}")
-    if max_matvecs is None:
-        max_matvecs = 100 if rtol is None else 1000
+    if max_hvps is None:
+        max_hvps = 100 if rtol is None else 1000
     if method == "hutchinson":
-        n_probes = options.pop("n_probes", max_matvecs)
-        return hutchinson(op, n_probes=n_probes, rtol=rtol, max_matvecs=max_matvecs, seed=seed, **options)
+        n_probes = options.pop("n_probes", max_hvps)
+        return hutchinson(op, n_probes=n_probes, rtol=rtol, max_hvps=max_hvps, seed=seed, **options)
     if method == "hutchpp":
-        return hutchpp(op, rtol=rtol, max_matvecs=max_matvecs, seed=seed, **options)
+        return hutchpp(op, rtol=rtol, max_hvps=max_hvps, seed=seed, **options)
     from .epperly2024xtrace import xtrace
 
     if rtol is not None:
-        raise ValueError("xtrace has a fixed budget: pass max_matvecs, not rtol")
-    return xtrace(op, max_matvecs=max_matvecs, seed=seed, **options)
+        raise ValueError("xtrace has a fixed budget: pass max_hvps, not rtol")
+    return xtrace(op, max_hvps=max_hvps, seed=seed, **options)

@@ -11,7 +11,7 @@ up to 2⁵³), all-reduces it with SUM once, and unpacks. Every rank then return
 exactly the single-process result on the union of the shards (up to summation order, ~1e-16
 relative): shards may be uneven, a rank may hold no batch at all, and batches are weighted by
 their size, never ranks by 1/world_size. All ranks hold the same reduced block, so estimators
-that draw their probes from ``make_generator(seed)`` (the same on every rank) take the same steps
+that draw their probes from ``seeded_generator(seed)`` (the same on every rank) take the same steps
 and return the same numbers everywhere; only rank 0 should write output (:func:`is_main_process`).
 
 Usage (under ``torchrun --nproc_per_node=W``)::

@@ -107,7 +107,7 @@ class HessianOperator:
         self._auto = backend == "auto"
         self._func_strategy = "forward-over-reverse"
         self.passes = 0  # full passes over the data made by this operator
-        self.matvecs = 0  # columns of H·V computed so far
+        self.hvps = 0  # columns of H·V computed so far
         if check_determinism or self.backend in ("auto", "func"):
             self._probe_first_batch(check_determinism)
 
@@ -151,7 +151,7 @@ class HessianOperator:
         if self.reducer is not None:
             total, count = self.reducer.sum_block(total, count)
         self.passes += 1
-        self.matvecs += K
+        self.hvps += K
         return (total / count).to(self.dtype)
 
     def to_scipy(self):

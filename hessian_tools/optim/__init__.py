@@ -21,17 +21,16 @@ from typing import Any
 
 import torch
 
-from .base import PerturbedOptimizer, check_count, check_nonnegative, check_positive, check_unit_interval
+from ..checks import check_integer, check_nonnegative, check_positive, check_unit_interval
+from .base import PerturbedOptimizer
 from .nso import NSO
 from .sam import ASAM, SAM
 from .wp import WeightPerturbation
 
 __all__ = ["NSO", "WeightPerturbation", "SAM", "ASAM", "PerturbedOptimizer", "make_optimizer", "METHODS", "BASES"]
 
-METHODS = ("sgd", "nso", "wp", "sam", "asam")
-BASES = ("sgd", "adam", "adamw")
-
-# Options each method accepts (anything else passed as not-None is an error).
+# The options each method accepts (anything else passed as not-None is an error); its keys are the
+# methods, in the order the command line lists them.
 _METHOD_OPTIONS = {
     "sgd": (),
     "nso": ("sigma", "k", "lam", "two_sided"),
@@ -39,6 +38,8 @@ _METHOD_OPTIONS = {
     "sam": ("rho",),
     "asam": ("rho",),
 }
+METHODS = tuple(_METHOD_OPTIONS)
+BASES = ("sgd", "adam", "adamw")
 
 
 def make_optimizer(
@@ -83,7 +84,7 @@ def make_optimizer(
     if sigma is not None:
         check_positive("sigma", sigma)
     if k is not None:
-        check_count("k", k)
+        check_integer("k", k)
     if lam is not None:
         check_unit_interval("lam", lam)
     if rho is not None:

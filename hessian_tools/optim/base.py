@@ -39,7 +39,6 @@ The generator state is part of :meth:`state_dict`, so a resumed run continues th
 from __future__ import annotations
 
 import contextlib
-import operator
 from typing import Any, Callable, Iterator
 
 import torch
@@ -47,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 Closure = Callable[[], Any]
 
-__all__ = ["PerturbedOptimizer", "Closure", "check_positive", "check_nonnegative", "check_unit_interval", "check_count"]
+__all__ = ["PerturbedOptimizer", "Closure"]
 
 
 class PerturbedOptimizer(torch.optim.Optimizer):
@@ -242,46 +241,3 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if all(isinstance(l, torch.Tensor) for l in losses):
             return torch.stack([l.reshape(()) for l in losses]).mean()
         return sum(float(l) for l in losses) / len(losses)
-
-
-# ---------------------------------------------------------------------- option checks
-def _as_float(name: str, value: Any, phrase: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {phrase}, got {value!r}") from None
-
-
-def check_positive(name: str, value: Any) -> float:
-    """``value`` as a float, or ValueError unless it is a finite number > 0."""
-    x = _as_float(name, value, "a number > 0")
-    if not (x > 0 and x != float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return x
-
-
-def check_nonnegative(name: str, value: Any) -> float:
-    x = _as_float(name, value, "a number >= 0")
-    if not (x >= 0 and x != float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return x
-
-
-def check_unit_interval(name: str, value: Any) -> float:
-    x = _as_float(name, value, "a number in [0, 1]")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return x
-
-
-def check_count(name: str, value: Any) -> int:
-    """``value`` as an int, or ValueError unless it is an integer >= 1 (bools rejected)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(n)

@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from .base import Closure, PerturbedOptimizer, check_count, check_positive, check_unit_interval
+from ..checks import check_integer, check_positive, check_unit_interval
+from .base import Closure, PerturbedOptimizer
 
 __all__ = ["NSO", "SCALES"]
 
@@ -88,7 +89,7 @@ class NSO(PerturbedOptimizer):
         scale: str = "absolute",
         **base_kwargs: Any,
     ) -> None:
-        self.k = check_count("k", k)
+        self.k = check_integer("k", k)
         sigma = check_positive("sigma", sigma)
         self.lam = check_unit_interval("lam", lam)
         if not isinstance(two_sided, bool):

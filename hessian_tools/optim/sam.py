@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .base import Closure, PerturbedOptimizer, check_nonnegative, check_positive
+from ..checks import check_nonnegative, check_positive
+from .base import Closure, PerturbedOptimizer
 
 __all__ = ["SAM", "ASAM"]
 

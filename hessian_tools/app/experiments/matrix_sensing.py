@@ -252,8 +252,8 @@ def estimated_hessian_trace(U: torch.Tensor, problem: MatrixSensingProblem, obje
     """Tr ∇²f(U) by the core's Hutch++ (95% half-width ≤ rtol·|trace|), to set next to the exact value."""
     from ...estimators import trace
 
-    result = trace(hessian_operator(U, problem, objective), rtol=rtol, max_matvecs=2000, seed=seed)
-    return {"estimate": result.estimate, "stderr": result.stderr, "hvps": result.matvecs, "seed": seed,
+    result = trace(hessian_operator(U, problem, objective), rtol=rtol, max_hvps=2000, seed=seed)
+    return {"estimate": result.estimate, "stderr": result.stderr, "hvps": result.hvps, "seed": seed,
             "method": result.method, "converged": result.converged}
 
 

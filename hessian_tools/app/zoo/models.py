@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ...checks import check_integer
 from ...errors import HessianToolsError
 
 __all__ = [
@@ -167,8 +168,7 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
 
 def _check_positive(**values) -> None:
     for name, value in values.items():
-        if int(value) != value or int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_integer(name, value)
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "resnet": SmallResNet}
