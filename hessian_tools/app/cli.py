@@ -70,6 +70,9 @@ def _model_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="mlp | cnn | resnet | MODULE:FACTORY (needed for a checkpoint file)")
     parser.add_argument("--data", help="builtin:digits | builtin:digits-finetune | builtin:digits-pretrain | "
                                        "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file)")
+    parser.add_argument("--checkpoint-key", metavar="NAME",
+                        help="which state_dict inside the checkpoint, e.g. ema or state_dict.model_ema "
+                             "(default: the model's own weights; a note on stderr says what was used)")
     parser.add_argument("--params", metavar="REGEX", help="analyse only parameters whose names match")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size of the data passes (default 512)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="computation precision")
@@ -248,6 +251,17 @@ def _settings(args, what):
                             dtype=args.dtype, device=args.device, distributed=getattr(args, "distributed", False))
 
 
+def _resolve(args, target: str, prior: str | None = None):
+    """Load a checkpoint or run folder; a note on stderr says what was taken from the file (an entry,
+    a stripped prefix), so the user sees which weights are analysed."""
+    from .checkpoints import resolve
+
+    loaded = resolve(target, args.model, args.data, prior, checkpoint_key=args.checkpoint_key)
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return loaded
+
+
 def _parse_what(text: str) -> list[str]:
     what = [w.strip() for w in text.split(",") if w.strip()]
     unknown = [w for w in what if w not in ANALYSES]
@@ -295,10 +309,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .checkpoints import resolve
-
     what = _parse_what(args.what)
-    loaded = resolve(args.checkpoint, args.model, args.data, args.prior)
+    loaded = _resolve(args, args.checkpoint, args.prior)
     if "bound" in what and loaded.prior is None:
         print("note: no prior weights (--prior), so no PAC-Bayes bound", file=sys.stderr)
     return _analyze_and_print(args, loaded, _settings(args, what))
@@ -317,7 +329,6 @@ def _analyze_and_print(args, loaded, settings) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .checkpoints import resolve
     from ..estimators.paired import paired_traces
     from .pipeline import make_operator
     from .report import COMPARISON_HEADER, comparison_rows, text_table
@@ -327,7 +338,7 @@ def cmd_compare(args) -> int:
     settings = _settings(args, ["trace"])
     operators = {}
     for target in args.checkpoints:
-        loaded = resolve(target, args.model, args.data)
+        loaded = _resolve(args, target)
         name = loaded.name if loaded.name not in operators else f"{loaded.name}#{len(operators)}"
         operators[name] = make_operator(loaded.model, loaded.data, settings)
     with Progress(args.quiet) as progress:
@@ -357,10 +368,8 @@ def cmd_curve(args) -> int:
 
 
 def cmd_bound(args) -> int:
-    from .checkpoints import resolve
-
     sigmas = _floats(args.sigmas, "--sigmas")
-    loaded = resolve(args.checkpoint, args.model, args.data, args.prior)
+    loaded = _resolve(args, args.checkpoint, args.prior)
     if loaded.prior is None:
         raise UsageError("a bound needs the prior (initial) weights: pass --prior FILE (run folders use their init.pt)")
     settings = dataclasses.replace(_settings(args, ["bound"]), delta=args.delta, certificate_sigmas=sigmas,
@@ -436,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback dump
         if getattr(args, "debug", False):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        from .checkpoint_formats import plain_line
+
+        message = plain_line(exc, limit=None) or type(exc).__name__
         print(f"hessian-tools {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
