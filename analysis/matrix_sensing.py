@@ -10,7 +10,15 @@ loss vs step, log scale, mean over seeds with a min–max band). The set-up, and
 objective is the half-MSE while the reported losses are relative, is documented in
 :mod:`hessian_tools.app.experiments.matrix_sensing`.
 """
-from hessian_tools.app.experiments.matrix_sensing import main
+import sys
+
+from hessian_tools.app.cli import main as cli_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The same as ``hessian-tools matrix-sensing ARGS``."""
+    return cli_main(["matrix-sensing", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -158,6 +158,81 @@ class TraceResult(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockDiagonal:
+    """Summary of the estimated Hessian diagonal d̂ on one parameter block b (|b| = ``size``).
+
+    ``sum`` ± ``sum_stderr`` estimates tr(H_bb) = Σ_{i∈b} H_ii (its standard error from the per-probe
+    block sums, so the correlation between coordinates is accounted for). ``mean_abs`` = mean_i |d̂_i|,
+    ``min``/``max`` = the extreme d̂_i: these are of the *estimate*, and noise biases mean |d̂_i| upward
+    (E|d̂_i| ≥ |H_ii|); ``rms_stderr`` = √(mean_i stderr_i²) says how large that noise is.
+    """
+
+    name: str
+    size: int
+    sum: float
+    sum_stderr: float
+    mean_abs: float
+    min: float
+    max: float
+    rms_stderr: float
+
+    def to_dict(self) -> dict:
+        return {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalResult(Result):
+    """An estimate of the Hessian diagonal diag(H), per coordinate, with per-coordinate error bars.
+
+    ``estimate`` and ``stderr`` are float64 arrays of length ``dim`` (kept in memory). ``blocks`` holds
+    one :class:`BlockDiagonal` per parameter block (a single block ``"all"`` for an operator without
+    blocks); ``trace`` ± ``trace_stderr`` is Σ_i d̂_i, the trace estimate the same probes give.
+    ``n_probes`` is the number of random probes the error bar comes from; ``sketch`` the number of
+    columns of the low-rank sketch a deflated method spent (0 for Hutchinson).
+
+    What ``stderr`` means depends on ``method`` (see each estimator's docstring): for
+    ``"hutchinson"`` the textbook standard error of a mean of i.i.d. samples; for ``"diagpp"`` the
+    same, conditional on the sketch; for ``"xdiag"`` the spread of exchangeable but dependent
+    per-probe estimates (the paper's error estimate, checked empirically, not a theorem).
+
+    JSON: the two per-coordinate arrays are as large as the model, so :meth:`to_dict` writes them only
+    when ``dim ≤ max_serialised_dim`` or when asked (``arrays=True``); the block summaries always.
+    A result read back without them has ``estimate = stderr = None``.
+    """
+
+    kind: ClassVar[str] = "diagonal"
+    array_fields: ClassVar[tuple[str, ...]] = ("estimate", "stderr")
+    max_serialised_dim: ClassVar[int] = 100_000
+    trace: float
+    trace_stderr: float
+    blocks: tuple
+    hvps: int
+    method: str
+    seed: int | None
+    n_probes: int
+    dim: int
+    sketch: int = 0
+    estimate: Any = dataclasses.field(default=None, compare=False, repr=False)
+    stderr: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def to_dict(self, arrays: bool | None = None) -> dict:
+        """JSON-ready dict; with ``arrays`` None the per-coordinate arrays are included iff
+        dim ≤ max_serialised_dim."""
+        include = self.dim <= self.max_serialised_dim if arrays is None else arrays
+        # drop the arrays before conversion: turning 10⁷ floats into a list only to discard it is slow
+        return Result.to_dict(self if include else dataclasses.replace(self, estimate=None, stderr=None))
+
+    def to_json(self, arrays: bool | None = None, **kwargs) -> str:
+        return json.dumps(self.to_dict(arrays=arrays), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        data["blocks"] = tuple(BlockDiagonal(**_from_jsonable(b)) for b in data.get("blocks", ()))
+        return super().from_dict(data)
+
+
+@dataclasses.dataclass(frozen=True)
 class EigenResult(Result):
     """Eigenpairs of a symmetric operator.
 
@@ -437,6 +512,92 @@ class HessianMeasuresResult(Result):
     def from_dict(cls, data: dict):
         data = dict(data)
         data["layers"] = tuple(LayerMeasure(**_from_jsonable(layer)) for layer in data.get("layers", ()))
+        return super().from_dict(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class PosteriorCertificateResult(Result):
+    """A PAC-Bayes certificate for an optimised Gaussian posterior Q = N(μ, diag s²) against the prior
+    P = N(W0, diag λ_g²) (see :func:`hessian_tools.bounds.posterior.optimised_certificate`): with
+    probability ≥ 1 − ``delta`` over the ``n`` bound samples and the ``n_mc`` weight draws, a network
+    drawn from Q has expected 0-1 error ≤ ``bound`` on new data.
+
+    Parts: ``mc_error`` ± ``mc_stderr`` (mean 0-1 error of the drawn networks on the bound set),
+    ``mc_upper`` = kl⁻¹(mc_error, ln(2/δ_mc)/n_mc), ``kl`` (``kl_mean`` of it from ‖μ − W0‖, the rest
+    from the variances; ``group_kl`` per prior group; ``kl_floor`` = Σ_i ½ ln(1 + (μ_i − W0_i)²/s_i²),
+    the smallest KL that ANY diagonal Gaussian prior centred at W0 could give this posterior),
+    ``grid_cost`` = G·ln K for the λ chosen per group (``lambdas``, indices into ``lambda_grid``),
+    ``kl_term`` = (KL + grid_cost + ln(2√n/δ_bound))/n.
+    ``delta = delta_bound + delta_mc``. ``train_error``/``test_error``: the checkpoint W itself;
+    ``posterior_test_error`` ± ``posterior_test_stderr``: networks drawn from Q (``n_mc_test`` draws);
+    ``mean_test_error``: the network μ (only with ``optimise_mean``). ``prior`` is "pre-trained" or
+    "data-dependent" (then ``n_prior`` samples trained W0 and ``n`` counts the rest only).
+    ``layer_sigma``: s per parameter tensor (its RMS with ``variance="parameter"``). ``mean_shift`` =
+    ‖μ − W‖, ``dist`` = ‖μ − W0‖, ``dist_checkpoint`` = ‖W − W0‖ (folded coordinates). ``history``:
+    (step, objective, surrogate loss, KL) along the optimisation, each from one draw.
+    ``evaluations`` counts passes over a data set (optimisation steps + Monte-Carlo draws).
+    """
+
+    kind: ClassVar[str] = "posterior_certificate"
+    bound: float
+    delta: float
+    delta_bound: float
+    delta_mc: float
+    n: int
+    kl: float
+    kl_mean: float
+    kl_floor: float
+    kl_term: float
+    grid_cost: float
+    mc_error: float
+    mc_stderr: float
+    mc_upper: float
+    n_mc: int
+    train_error: float
+    test_error: float | None
+    posterior_test_error: float | None
+    posterior_test_stderr: float | None
+    mean_test_error: float | None
+    n_test: int
+    n_mc_test: int
+    prior: str
+    prior_split: float | None
+    n_prior: int
+    lambda_grid: tuple
+    prior_groups: tuple
+    lambdas: tuple
+    lambda_indices: tuple
+    group_kl: tuple
+    variance: str
+    layers: tuple
+    layer_sigma: tuple
+    optimise_mean: bool
+    mean_shift: float
+    dist: float
+    dist_checkpoint: float
+    objective: str
+    loss_max: float
+    steps: int
+    refine_steps: int
+    lr: float
+    mean_lr: float | None
+    batch_size: int | None
+    hessian_init: bool
+    final_objective: float
+    folded_batchnorm: tuple
+    dim: int
+    seed: int | None
+    evaluations: int
+    wall_time_s: float
+    history: tuple = ()
+    label: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = _tuples(data, "lambda_grid", "prior_groups", "lambdas", "lambda_indices", "group_kl", "layers",
+                       "layer_sigma", "folded_batchnorm")
+        if data.get("history") is not None:
+            data["history"] = tuple(tuple(row) for row in _from_jsonable(data["history"]))
         return super().from_dict(data)
 
 

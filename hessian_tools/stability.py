@@ -51,13 +51,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from .checks import check_integer, check_positive, check_positive_numbers
-from .errors import NonFiniteError
 from .estimators.probes import gaussian_rows
-from .operators.data_source import BatchSource, move_to
-from .operators.params import computation_mode, frozen_state, make_blocks, select_parameters
+from .operators.empirical_risk import EmpiricalRisk, functional_model_call, model_output
 from .results import StabilityCurveResult, StabilityResult, TraceResult
 from .seeding import resolve_seed, seeded_generator
 from .stats import Z95, mean_and_stderr
@@ -67,56 +65,41 @@ __all__ = ["noise_stability", "stability_curve", "PerturbedEvaluator", "TAYLOR_B
 #: The ratio measured/predicted counts as "Taylor holds" while its 95% interval meets this band.
 TAYLOR_BAND = (0.8, 1.25)
 
-MODES = ("eval", "train")
-
-
 class PerturbedEvaluator:
     """Evaluate a per-batch mean statistic of ``model`` over all of ``data`` at many parameter
     points ``W + offset_k`` without modifying the model.
 
     ``statistic(outputs, targets)`` must return the *batch mean* (a scalar tensor); the value at a
-    point is ``Σ_b n_b·statistic_b / N`` accumulated in float64 (the same weighting as the
-    Hessian operator, exact for an uneven last batch).
+    point is ``Σ_b n_b·statistic_b / N`` accumulated in float64 — the data loop of
+    :class:`~hessian_tools.operators.empirical_risk.EmpiricalRisk`, the same weighting, inputs and
+    modes as the Hessian operator. ``chunk_size`` perturbations share one pass over the data.
     """
 
     def __init__(self, model: nn.Module, data: Any, params=None, *, mode: str = "eval",
                  dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 chunk_size: int | str | None = "auto"):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.model = model
-        self.source = BatchSource(data)
+                 chunk_size: int | str | None = "auto", max_batch_size: int | None = None):
+        self.risk = EmpiricalRisk(model, None, data, params, mode=mode, dtype=dtype, device=device,
+                                  max_batch_size=max_batch_size)
         if chunk_size == "auto":
-            _, _, _, first_n = next(iter(self.source))
-            chunk_size = max(1, min(64, 1024 // first_n))
-        elif chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer, 'auto' or None (all at once), got {chunk_size!r}")
-        self.mode = mode
+            chunk_size = max(1, min(64, 1024 // self.risk.source.first()[3]))
+        elif chunk_size is not None:
+            chunk_size = check_integer("chunk_size", chunk_size)
         self.chunk_size = chunk_size
-        named = select_parameters(model, params)
-        self.param_names = [n for n, _ in named]
-        self.blocks = make_blocks(named)
-        self.dim = self.blocks[-1].stop
-        first = named[0][1]
-        self.device = torch.device(device) if device is not None else first.device
-        self.dtype = dtype if dtype is not None else first.dtype
-        if not self.dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating point dtype, got {self.dtype}")
-        self._input_dtype = self.dtype if self.dtype != first.dtype else None
-        self._base = {n: p.detach().to(device=self.device, dtype=self.dtype) for n, p in named}
-        self.use_vmap = mode == "eval" and chunk_size != 1
+        self.model, self.mode = self.risk.model, self.risk.mode
+        self.param_names, self.blocks, self.dim = self.risk.param_names, self.risk.blocks, self.risk.dim
+        self.device, self.dtype = self.risk.device, self.risk.dtype
+        self._base = self.risk.parameter_values()
+        self.use_vmap = self.mode == "eval" and chunk_size != 1
         self.evaluations = 0
 
     # ------------------------------------------------------------------ public
     def flat_parameters(self) -> torch.Tensor:
         """W, the selected parameters as one flat vector (computation dtype)."""
-        return torch.cat([self._base[n].reshape(-1) for n in self.param_names])
+        return self.risk.flat_parameters()
 
     @property
     def num_samples(self) -> int:
-        return self.source.total
+        return self.risk.num_samples
 
     def evaluate_base(self, statistic: Callable) -> float:
         """The statistic at W itself."""
@@ -136,51 +119,35 @@ class PerturbedEvaluator:
         return out
 
     # ------------------------------------------------------------------ internals
-    def _frozen(self) -> dict[str, torch.Tensor]:
-        return frozen_state(self.model, self.param_names, self._input_dtype, copy=self.mode == "train")
-
     def _stacked(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
         k = block.shape[0]
         return {b.name: self._base[b.name].unsqueeze(0) + block[:, b.slice].reshape(k, *b.shape) for b in self.blocks}
 
     def _evaluate_block(self, statistic: Callable, block: torch.Tensor) -> torch.Tensor:
         k = block.shape[0]
-        frozen = self._frozen()
-        model = self.model
+        risk = self.risk
+        stacked = self._stacked(block)
 
         def one(params, inputs, targets):
-            outputs = functional_call(model, {**frozen, **params}, (inputs,), strict=False)
-            value = statistic(outputs, targets)
-            if value.ndim != 0:
-                raise ValueError(f"the loss/statistic must return a scalar (the batch mean), got shape {tuple(value.shape)}")
-            return value
+            outputs = model_output(functional_model_call(risk.model, {**fixed, **params}, inputs))
+            return risk.scalar_loss(outputs, targets, statistic)
 
-        stacked = self._stacked(block)
-        total = torch.zeros(k, dtype=torch.float64, device=self.device)
-        count = 0
-        with self._mode(), torch.no_grad():
+        def per_batch(index, inputs, targets):
+            nonlocal batched
+            if batched is not None:
+                try:
+                    return batched(stacked, inputs, targets)
+                except ValueError:
+                    raise
+                except Exception:  # noqa: BLE001 - vmap cannot trace this model: loop from now on
+                    self.use_vmap, batched = False, None
+            return torch.stack([one({n: t[j] for n, t in stacked.items()}, inputs, targets) for j in range(k)])
+
+        with risk.computation_mode(), torch.no_grad():
+            fixed = risk.fixed_state()
             batched = vmap(one, in_dims=(0, None, None)) if (self.use_vmap and k > 1) else None
-            for index, inputs, targets, n in self.source:
-                inputs = move_to(inputs, self.device, self._input_dtype)
-                targets = move_to(targets, self.device)
-                values = None
-                if batched is not None:
-                    try:
-                        values = batched(stacked, inputs, targets)
-                    except ValueError:
-                        raise
-                    except Exception:  # noqa: BLE001 - vmap cannot trace this model: loop from now on
-                        self.use_vmap, batched = False, None
-                if values is None:
-                    values = torch.stack([one({n_: t[j] for n_, t in stacked.items()}, inputs, targets) for j in range(k)])
-                if not bool(torch.isfinite(values).all()):
-                    raise NonFiniteError(f"non-finite loss on batch {index} at a perturbed point: σ too large, or check the data")
-                total.add_(values.detach().to(torch.float64), alpha=float(n))
-                count += n
+            total, count = risk.weighted_sum(per_batch, torch.zeros(k), "loss at a perturbed point (σ too large?)")
         return (total / count).cpu()
-
-    def _mode(self):
-        return computation_mode(self.model, self.mode)
 
 
 def _check_samples(n_samples, antithetic: bool) -> int:

@@ -1,4 +1,4 @@
-"""Shared fixtures: small models whose exact Hessian is computed independently by torch.func.hessian."""
+"""Fixtures shared by the test modules (helpers live in helpers.py)."""
 from __future__ import annotations
 
 import importlib
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call, hessian
+
+from helpers import PROBLEMS, exact_hessian
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
 
@@ -24,91 +24,8 @@ def import_analysis_script(name: str):
         sys.path.remove(str(ANALYSIS))
 
 
-def exact_hessian(model: nn.Module, loss_fn, X, y, names=None) -> torch.Tensor:
-    """∇² of loss_fn(model(X), y) w.r.t. the named parameters, by torch.func.hessian in float64,
-    with the model in eval mode. Independent of the operator code under test."""
-    model = model.eval()
-    params = {n: p.detach().double() for n, p in model.named_parameters() if names is None or n in names}
-    frozen = {n: t.detach().double() if t.is_floating_point() else t
-              for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in params}
-    sizes = [p.numel() for p in params.values()]
-
-    def loss(flat):
-        pieces = torch.split(flat, sizes)
-        values = {n: piece.view_as(p) for (n, p), piece in zip(params.items(), pieces)}
-        return loss_fn(functional_call(model, {**frozen, **values}, (X.double(),)), y)
-
-    flat = torch.cat([p.reshape(-1) for p in params.values()])
-    return hessian(loss)(flat)
-
-
-class TinyCNN(nn.Module):
-    """Conv → BatchNorm → ReLU → pool → linear, for 1×6×6 inputs (BatchNorm in eval mode in tests)."""
-
-    def __init__(self, classes=3):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3)
-        self.bn = nn.BatchNorm2d(3)
-        self.head = nn.Linear(3 * 2 * 2, classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.conv(x)))
-        x = nn.functional.max_pool2d(x, 2)
-        return self.head(x.flatten(1))
-
-
-def _mlp():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-    X = torch.randn(71, 5)
-    y = torch.randint(0, 3, (71,))
-    return model, nn.functional.cross_entropy, X, y
-
-
-def _cnn():
-    torch.manual_seed(1)
-    model = TinyCNN()
-    with torch.no_grad():  # non-trivial running statistics
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    X = torch.randn(40, 1, 6, 6)
-    y = torch.randint(0, 3, (40,))
-    return model, nn.functional.cross_entropy, X, y
-
-
-def _saddle():
-    """A deep linear net with squared loss near the origin: the Hessian has negative eigenvalues."""
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(0.1)
-    X = torch.randn(30, 4)
-    y = torch.randn(30, 2)
-    return model, nn.functional.mse_loss, X, y
-
-
-PROBLEMS = {"mlp": _mlp, "cnn_bn": _cnn, "saddle": _saddle}
-
-
 @pytest.fixture(params=sorted(PROBLEMS))
 def problem(request):
     """(name, model, loss_fn, X, y, exact H) for each small problem."""
     model, loss_fn, X, y = PROBLEMS[request.param]()
     return request.param, model, loss_fn, X, y, exact_hessian(model, loss_fn, X, y)
-
-
-def batches(X, y, size):
-    return [(X[i : i + size], y[i : i + size]) for i in range(0, len(X), size)]
-
-
-def known_spectrum(dim=300, seed=0):
-    """A dense symmetric matrix Q diag(λ) Qᵀ with a few outliers, a bulk and negative eigenvalues."""
-    g = torch.Generator().manual_seed(seed)
-    lam = torch.cat([
-        torch.tensor([50.0, 20.0, 10.0, 5.0, 2.0]),
-        torch.rand(dim - 15, generator=g, dtype=torch.float64) * 0.5,
-        -torch.rand(10, generator=g, dtype=torch.float64) * 0.3,
-    ]).double()
-    Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    return (Q * lam) @ Q.T, lam

@@ -34,3 +34,39 @@ def test_quick_run_writes_the_report(bench, tmp_path):
     # only our rows without peers, and ours reaches the easy eigenvalue target
     assert all(row["tool"].startswith("ours") for row in results["trace"]["rows"])
     assert any(row[1e-6] is not None for row in results["eigen"]["rows"])
+
+
+def test_diagonal_accuracy_quick_run(tmp_path):
+    """analysis/diagonal_accuracy.py --quick: both models, the tables written, and the Gauss–Newton
+    identity the ResNet's exact diagonal relies on checked against the full Hessian on the CNN."""
+    sys.path.insert(0, str(ANALYSIS))
+    try:
+        import diagonal_accuracy
+    finally:
+        sys.path.remove(str(ANALYSIS))
+    results = diagonal_accuracy.main(["--quick", "--out", str(tmp_path)])
+    cnn, resnet = results["problems"]
+    assert (cnn["model"], cnn["dim"], resnet["model"], resnet["dim"]) == ("cnn", 1898, "resnet", 5037)
+    assert cnn["ggn_max_relative_deviation"] < 1e-10
+    assert {row["method"] for row in resnet["rows"]} == set(diagonal_accuracy.METHODS)
+    report = (tmp_path / "diagonal_accuracy.md").read_text()
+    assert "## cnn — 1898 parameters" in report and "## resnet — 5037 parameters" in report
+    assert json.loads((tmp_path / "diagonal_accuracy.json").read_text())["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_bound_benchmark_quick_run_writes_its_table(tmp_path):
+    sys.path.insert(0, str(ANALYSIS))
+    try:
+        import bench_bound
+    finally:
+        sys.path.remove(str(ANALYSIS))
+    bench_bound.main(["--quick", "--settings", "fixed50,dd50", "--methods", "sgd", "--out", str(tmp_path),
+                      "--cache", str(tmp_path / "runs")])
+    rows = json.loads((tmp_path / "bench_bound.json").read_text())["rows"]
+    assert [(r["setting"], r["method"], r["seed"]) for r in rows] == [("fixed50", "sgd", 0), ("dd50", "sgd", 0)]
+    assert rows[1]["result"]["prior"] == "data-dependent" and rows[1]["result"]["n"] == 125
+    for row in rows:
+        assert row["result"]["posterior_test_error"] <= row["result"]["bound"] <= 1
+    report = (tmp_path / "bench_bound.md").read_text()
+    assert "| fixed50 | 50/class" in report and "| dd50 | sgd | 0 | 125 |" in report

@@ -9,29 +9,22 @@ from torch.func import functional_call
 
 from hessian_tools import HessianOperator
 from hessian_tools.bounds import pacbayes
-from hessian_tools.bounds.certificate import default_loss_max, hessian_measures, pac_bayes_certificate
-from hessian_tools.app.zoo.data import synthetic_classification
+from hessian_tools.bounds.certificate import default_loss_max, pac_bayes_certificate
+from hessian_tools.bounds.measures import hessian_measures
 from hessian_tools.results import BlockTrace, CertificateResult, HessianMeasuresResult, TraceResult
 from hessian_tools.estimators.probes import gaussian_rows
 
-from conftest import PROBLEMS, batches
+from helpers import PROBLEMS, batches, nearest_mean_classifier
 
 GRID = (0.02, 0.05, 0.1, 0.2, 0.5)
 
 
 @pytest.fixture(scope="module")
 def separable():
-    """Nearest-class-mean linear classifier on a well separated Gaussian mixture (low train error),
-    and a prior 1e-3 away from it: KL ≈ 0, so the bound is the Monte-Carlo bound plus ln K + ln(2√n/δ)."""
-    bundle = synthetic_classification(n=1500, d=8, num_classes=3, seed=0, separation=3.0)
+    """Nearest-class-mean classifier and a prior 1e-3 away from it: KL ≈ 0, so the bound is the
+    Monte-Carlo bound plus ln K + ln(2√n/δ)."""
+    model, bundle, prior = nearest_mean_classifier(n=1500, d=8, prior_seed=7)
     X, y = bundle.train
-    means = torch.stack([X[y == c].mean(0) for c in range(3)])
-    model = nn.Linear(8, 3)
-    with torch.no_grad():
-        model.weight.copy_(means)
-        model.bias.copy_(-0.5 * (means * means).sum(1))
-    g = torch.Generator().manual_seed(7)
-    prior = {k: v.detach() + 1e-3 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
     return model, X, y, prior
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(*args, cwd=None, check=True):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "hessian_tools", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=300)
+                          cwd=cwd or ROOT, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

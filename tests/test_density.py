@@ -12,7 +12,7 @@ from hessian_tools.seeding import seeded_generator
 from hessian_tools.operators.hessian import HessianOperator
 from hessian_tools.results import DensityResult
 
-from conftest import PROBLEMS, known_spectrum
+from helpers import PROBLEMS, known_spectrum
 
 
 @pytest.fixture(scope="module")

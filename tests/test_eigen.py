@@ -5,7 +5,7 @@ import torch
 
 import hessian_tools as ht
 
-from conftest import known_spectrum
+from helpers import known_spectrum
 
 
 def _check_pairs(result, H):
@@ -31,7 +31,7 @@ def test_eigenvalues_match_exact_spectrum(problem, which, k):
 
 
 def test_negative_curvature_is_found():
-    from conftest import PROBLEMS, exact_hessian
+    from helpers import PROBLEMS, exact_hessian
     model, loss_fn, X, y = PROBLEMS["saddle"]()
     H = exact_hessian(model, loss_fn, X, y)
     r = ht.eigenvalues(ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64), which="SA")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from hessian_tools.app.experiments import matrix_sensing as ms
 from torch.func import hessian
 
 from hessian_tools.app.experiments.matrix_sensing import (
@@ -101,10 +103,21 @@ def test_short_runs_decrease_the_loss_and_are_seeded():
     assert outs["wp"]["final_train_loss"] != outs["gd"]["final_train_loss"]
     again = run_matrix_sensing("nso", seed=0, steps=300, problem=p, lr=2e-3, sigma=0.05, log_every=100)
     assert torch.equal(again["U"], outs["nso"]["U"])
-    # with no noise, WP and NSO are exactly GD
-    gd = run_matrix_sensing("gd", seed=0, steps=20, d=6, r=1, m=40, dtype=torch.float64, trace=False)
-    nso0 = run_matrix_sensing("nso", seed=0, steps=20, d=6, r=1, m=40, sigma=0.0, dtype=torch.float64, trace=False)
-    assert torch.equal(gd["U"], nso0["U"])
+
+
+
+def test_one_step_of_each_method_is_its_update_rule():
+    """The runs go through hessian_tools.optim: one step of GD, WP-GD and two-sided NSO equals the
+    update written out by hand with the same noise stream."""
+    lr, sigma = 1e-3, 0.05
+    problem = make_problem(d=6, r=1, m=40, seed=0, dtype=torch.float64)
+    U0 = ms.initial_U(problem, seed=0)
+    E = sigma * torch.randn(U0.shape, generator=torch.Generator().manual_seed(104_729), dtype=torch.float64)
+    g = lambda U: ms.gradient(U, problem)  # noqa: E731
+    expected = {"gd": U0 - lr * g(U0), "wp": U0 - lr * g(U0 + E), "nso": U0 - lr * (g(U0 + E) + g(U0 - E)) / 2}
+    for method, U1 in expected.items():
+        out = run_matrix_sensing(method, seed=0, steps=1, problem=problem, lr=lr, sigma=sigma, trace=False)
+        assert torch.allclose(out["U"], U1, rtol=0, atol=1e-14), method
 
 
 def test_nso_regularises_the_trace_over_gd():

@@ -7,7 +7,7 @@ import hessian_tools as ht
 from hessian_tools.errors import DataError, NondeterminismError, NonFiniteError
 from hessian_tools.operators.params import ParameterSelectionError
 
-from conftest import PROBLEMS, batches, exact_hessian
+from helpers import PROBLEMS, batches, exact_hessian
 
 
 @pytest.mark.parametrize("backend", ["func", "autograd"])

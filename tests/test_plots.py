@@ -56,7 +56,8 @@ def _analysis(method: str, seed: int) -> CheckpointAnalysis:
     return CheckpointAnalysis(
         name=f"{method}-s{seed}", dim=op.dim, n_train=250, n_test=500, train_loss=0.05, train_acc=1.0,
         test_loss=0.4, test_acc=0.9, seed=seed, hvps=tr.hvps + top.hvps + dens.hvps, wall_time_s=0.1,
-        trace=tr, top=top, bottom=bottom, density=dens, stability=_stability(tr.estimate, tr.stderr, seed))
+        parts={"trace": tr, "top": top, "bottom": bottom, "density": dens,
+               "stability": _stability(tr.estimate, tr.stderr, seed)})
 
 
 def _curve(method: str, seed: int, epochs: int = 6) -> list[dict]:

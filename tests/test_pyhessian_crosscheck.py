@@ -12,7 +12,7 @@ import torch
 
 import hessian_tools as ht
 
-from conftest import TinyCNN, batches
+from helpers import TinyCNN, batches
 
 pyhessian = pytest.importorskip("pyhessian")
 

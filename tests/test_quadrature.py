@@ -11,7 +11,7 @@ from hessian_tools.estimators.quadrature import quadratic_form, quadratic_forms
 from hessian_tools.operators.adapters import DenseOperator
 from hessian_tools.operators.hessian import HessianOperator
 
-from conftest import PROBLEMS, known_spectrum
+from helpers import PROBLEMS, known_spectrum
 
 
 @pytest.fixture(scope="module")

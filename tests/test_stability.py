@@ -12,7 +12,7 @@ from hessian_tools.results import StabilityCurveResult, StabilityResult
 from hessian_tools.estimators.probes import gaussian_rows
 from hessian_tools.stability import PerturbedEvaluator, noise_stability, stability_curve
 
-from conftest import PROBLEMS, TinyCNN, batches
+from helpers import PROBLEMS, TinyCNN, batches
 
 mse = nn.functional.mse_loss
 ce = nn.functional.cross_entropy

@@ -6,7 +6,7 @@ import torch
 import hessian_tools as ht
 from hessian_tools.results import TraceResult
 
-from conftest import PROBLEMS, batches, exact_hessian, known_spectrum
+from helpers import PROBLEMS, batches, exact_hessian, known_spectrum
 
 SEEDS = range(20)
 

@@ -9,11 +9,9 @@ from hessian_tools.estimators.epperly2024xtrace import xtrace
 from hessian_tools.estimators.probes import gaussian
 from hessian_tools.seeding import seeded_generator
 from hessian_tools.estimators.trace import trace
-from hessian_tools.operators.adapters import DenseOperator
 from hessian_tools.operators.hessian import HessianOperator
-from hessian_tools.operators.params import ParameterBlock
 
-from conftest import PROBLEMS, known_spectrum
+from helpers import PROBLEMS, BlockedDense, known_spectrum
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +97,6 @@ def test_hessian_of_mlp_with_blocks(mlp):
     exact_blocks = [float(torch.diagonal(H)[b.slice].sum()) for b in op.blocks]
     inside = sum(abs(b.estimate - e) <= 3 * b.stderr + 1e-12 for r in results for b, e in zip(r.blocks, exact_blocks))
     assert inside >= 0.9 * len(results) * len(exact_blocks)
-
-
-class BlockedDense(DenseOperator):
-    def __init__(self, matrix, sizes):
-        super().__init__(matrix)
-        starts = [0] + list(torch.tensor(sizes).cumsum(0).tolist())
-        self.blocks = tuple(ParameterBlock(f"b{i}", a, b, (b - a,)) for i, (a, b) in enumerate(zip(starts, starts[1:])))
 
 
 def test_block_traces_are_unbiased():

@@ -14,9 +14,13 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..estimators.paired import PAIRED_METHODS
 from ..estimators.trace import METHODS as TRACE_METHODS
 from ..optim import BASES, METHODS
-from .pipeline import ANALYSES, AnalysisSettings
+from .analyses import ANALYSES
+from .experiments.matrix_sensing import METHODS as SENSING_METHODS
+from .experiments.matrix_sensing import OBJECTIVES as SENSING_OBJECTIVES
+from .pipeline import AnalysisSettings
 from .runs import SCHEDULES
 
 EPILOG_DEMO = """examples:
@@ -34,6 +38,9 @@ EPILOG_CURVE = """examples:
 EPILOG_BOUND = """examples:
   hessian-tools bound runs/nso-s0 --delta 0.05
   hessian-tools bound model.pt --model cnn --data builtin:digits --prior init.pt"""
+EPILOG_MATRIX = """examples:
+  hessian-tools matrix-sensing --seeds 0 1 2 --out figures     # the paper's setting (d=100, r=5, 5,000 steps)
+  hessian-tools matrix-sensing --d 20 --r 2 --steps 500 --out /tmp/ms"""
 EPILOG_TRAIN = """examples:
   hessian-tools train --model resnet --data builtin:digits-pretrain --epochs 12 --out runs/pretrain
   hessian-tools train --method nso --sigma 0.01 --init runs/pretrain/final.pt --data builtin:digits-finetune --out runs/nso-s0"""
@@ -43,10 +50,11 @@ class UsageError(Exception):
     """Bad usage discovered after parsing: exit code 2."""
 
 
-def _common(parser: argparse.ArgumentParser, json_out: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, json_out: bool = True, threads_default: int | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=threads_default,
+                        help=f"torch intra-op threads (default: {threads_default or 'torch' + chr(39) + 's choice'})")
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     if json_out:
@@ -62,6 +70,9 @@ def _model_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="mlp | cnn | resnet | MODULE:FACTORY (needed for a checkpoint file)")
     parser.add_argument("--data", help="builtin:digits | builtin:digits-finetune | builtin:digits-pretrain | "
                                        "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file)")
+    parser.add_argument("--checkpoint-key", metavar="NAME",
+                        help="which state_dict inside the checkpoint, e.g. ema or state_dict.model_ema "
+                             "(default: the model's own weights; a note on stderr says what was used)")
     parser.add_argument("--params", metavar="REGEX", help="analyse only parameters whose names match")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size of the data passes (default 512)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="computation precision")
@@ -71,44 +82,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hessian-tools", description="Curvature of trained networks, with error bars.")
     parser.add_argument("--version", action="version", version=f"hessian-tools {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
+    for add_command in (_add_demo, _add_analyze, _add_compare, _add_curve, _add_bound, _add_train, _add_matrix_sensing):
+        add_command(sub)
+    return parser
 
-    p = sub.add_parser("demo", help="pre-train, fine-tune with SGD/SAM/NSO, analyse, report", epilog=EPILOG_DEMO, formatter_class=fmt)
+
+def _command(sub, name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_demo(sub) -> None:
+    p = _command(sub, "demo", "pre-train, fine-tune with SGD/SAM/NSO, analyse, report", EPILOG_DEMO)
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     p.add_argument("--no-resume", action="store_true", help="recompute finished pieces instead of reusing them")
     _common(p, json_out=False)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("analyze", help="trace, eigenvalues, density, stability and bounds of one checkpoint",
-                       epilog=EPILOG_ANALYZE, formatter_class=fmt)
+
+def _add_analyze(sub) -> None:
+    p = _command(sub, "analyze", "trace, eigenvalues, density, stability and bounds of one checkpoint", EPILOG_ANALYZE)
     p.add_argument("checkpoint", help="a state_dict file or a run folder")
     _model_data(p)
-    p.add_argument("--what", default="trace,eigs,density,stability,bound",
-                   help=f"comma-separated subset of {','.join(ANALYSES)}")
+    p.add_argument("--what", default=",".join(ANALYSES), help=f"comma-separated subset of {','.join(ANALYSES)}")
     p.add_argument("--prior", help="prior/initial weights for the bound (a run folder's init.pt by default)")
     p.add_argument("--rtol", type=float, default=0.02, help="trace: stop at 95%% half-width ≤ rtol·|trace| (default 0.02)")
-    p.add_argument("--max-hvps", type=int, default=600, help="HVP budget per estimator (default 600)")
+    _hvp_budget(p, 600, "HVP budget per estimator")
     p.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchpp")
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("compare", help="paired trace comparison of checkpoints with common random probes",
-                       epilog=EPILOG_COMPARE, formatter_class=fmt)
+
+def _add_compare(sub) -> None:
+    p = _command(sub, "compare", "paired trace comparison of checkpoints with common random probes", EPILOG_COMPARE)
     p.add_argument("checkpoints", nargs="+", help="state_dict files or run folders (the first is the baseline)")
     _model_data(p)
-    p.add_argument("--max-hvps", type=int, default=300, help="HVPs per checkpoint (fixed, the same for all; default 300)")
-    p.add_argument("--trace-method", choices=["hutchpp", "hutchinson"], default="hutchpp")
+    _hvp_budget(p, 300, "HVPs per checkpoint (fixed, the same for all)")
+    p.add_argument("--trace-method", choices=PAIRED_METHODS, default="hutchpp")
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("curve", help="trace and λmax of every epoch's checkpoint of run folders",
-                       epilog=EPILOG_CURVE, formatter_class=fmt)
+
+def _add_curve(sub) -> None:
+    p = _command(sub, "curve", "trace and λmax of every epoch's checkpoint of run folders", EPILOG_CURVE)
     p.add_argument("runs", nargs="+", help="run folders written by `hessian-tools train`")
     p.add_argument("--every", type=int, default=1, help="analyse every n-th epoch (default 1)")
     p.add_argument("--rtol", type=float, default=0.05, help="trace tolerance per point (default 0.05)")
+    _hvp_budget(p, 600, "HVP budget per estimator and point")
     p.add_argument("--out", help="folder for the sharpness-curve figure and per-run results (enables --resume)")
     p.add_argument("--resume", action="store_true", help="skip runs whose curve is already saved in --out")
     p.add_argument("--batch-size", type=int, default=512)
@@ -116,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     _distributed(p)
     p.set_defaults(func=cmd_curve)
 
-    p = sub.add_parser("bound", help="PAC-Bayes certificate and Hessian measures of a checkpoint",
-                       epilog=EPILOG_BOUND, formatter_class=fmt)
+
+def _add_bound(sub) -> None:
+    p = _command(sub, "bound", "PAC-Bayes certificate and Hessian measures of a checkpoint", EPILOG_BOUND)
     p.add_argument("checkpoint", help="a state_dict file or a run folder")
     _model_data(p)
     p.add_argument("--prior", help="prior/initial weights (a run folder's init.pt by default)")
@@ -128,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_bound)
 
-    p = sub.add_parser("train", help="train with sgd/nso/wp/sam/asam and write a run folder", epilog=EPILOG_TRAIN, formatter_class=fmt)
+
+def _add_train(sub) -> None:
+    p = _command(sub, "train", "train with sgd/nso/wp/sam/asam and write a run folder", EPILOG_TRAIN)
     p.add_argument("--method", default="sgd", choices=METHODS)
     p.add_argument("--model", default="resnet", help="mlp | cnn | resnet | MODULE:FACTORY")
     p.add_argument("--data", default="builtin:digits", help="data spec (see `analyze --help`)")
@@ -149,15 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, json_out=False)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("matrix-sensing", help="the NSO paper's matrix-sensing experiment (GD vs WP-GD vs NSO)")
+
+def _add_matrix_sensing(sub) -> None:
+    p = _command(sub, "matrix-sensing", "the NSO paper's matrix-sensing experiment (GD vs WP-GD vs NSO)", EPILOG_MATRIX)
+    p.add_argument("--seeds", nargs="+", default=["0"], help="seeds, space- or comma-separated (default 0)")
     p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--out", default="figures", help="folder for matrix_sensing.json and .png")
+    p.add_argument("--out", default="figures", help="folder for matrix_sensing.json, .png and .pdf (default figures)")
+    p.add_argument("--methods", nargs="+", default=list(SENSING_METHODS), choices=SENSING_METHODS)
     p.add_argument("--d", type=int, default=100, help="matrix side d (default 100, as in the paper)")
     p.add_argument("--r", type=int, default=5, help="true rank r (default 5)")
-    _common(p, json_out=False)
+    p.add_argument("--m", type=int, help="measurements per split (default 5·d·r)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--sigma", type=float, default=0.08, help="WP/NSO noise scale (default 0.08)")
+    p.add_argument("--init-scale", type=float, default=1.0)
+    p.add_argument("--objective", default="half_mse", choices=SENSING_OBJECTIVES)
+    p.add_argument("--log-every", type=int, default=50)
+    _common(p, json_out=False, threads_default=1)
     p.set_defaults(func=cmd_matrix_sensing)
-    return parser
+
+
+def _hvp_budget(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    parser.add_argument("--max-hvps", type=int, default=default, help=f"{what} (default {default})")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -214,12 +251,35 @@ def _settings(args, what):
                             dtype=args.dtype, device=args.device, distributed=getattr(args, "distributed", False))
 
 
+def _resolve(args, target: str, prior: str | None = None):
+    """Load a checkpoint or run folder; a note on stderr says what was taken from the file (an entry,
+    a stripped prefix), so the user sees which weights are analysed."""
+    from .checkpoints import resolve
+
+    loaded = resolve(target, args.model, args.data, prior, checkpoint_key=args.checkpoint_key)
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return loaded
+
+
 def _parse_what(text: str) -> list[str]:
     what = [w.strip() for w in text.split(",") if w.strip()]
     unknown = [w for w in what if w not in ANALYSES]
     if unknown or not what:
         raise UsageError(f"unknown --what {', '.join(map(repr, unknown)) or '(empty)'}; choose from {','.join(ANALYSES)}")
     return what
+
+
+def _integers(values, option: str) -> list[int]:
+    """Integers given space- and/or comma-separated (``--seeds 0 1 2`` or ``--seeds 0,1,2``)."""
+    items = [item for value in values for item in str(value).split(",") if item.strip()]
+    try:
+        numbers = [int(item) for item in items]
+    except ValueError:
+        raise UsageError(f"{option} must be integers, got {' '.join(map(str, values))!r}") from None
+    if not numbers:
+        raise UsageError(f"{option} is empty")
+    return numbers
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -249,10 +309,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .checkpoints import resolve
-
     what = _parse_what(args.what)
-    loaded = resolve(args.checkpoint, args.model, args.data, args.prior)
+    loaded = _resolve(args, args.checkpoint, args.prior)
     if "bound" in what and loaded.prior is None:
         print("note: no prior weights (--prior), so no PAC-Bayes bound", file=sys.stderr)
     return _analyze_and_print(args, loaded, _settings(args, what))
@@ -271,7 +329,6 @@ def _analyze_and_print(args, loaded, settings) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .checkpoints import resolve
     from ..estimators.paired import paired_traces
     from .pipeline import make_operator
     from .report import COMPARISON_HEADER, comparison_rows, text_table
@@ -281,7 +338,7 @@ def cmd_compare(args) -> int:
     settings = _settings(args, ["trace"])
     operators = {}
     for target in args.checkpoints:
-        loaded = resolve(target, args.model, args.data)
+        loaded = _resolve(args, target)
         name = loaded.name if loaded.name not in operators else f"{loaded.name}#{len(operators)}"
         operators[name] = make_operator(loaded.model, loaded.data, settings)
     with Progress(args.quiet) as progress:
@@ -311,10 +368,8 @@ def cmd_curve(args) -> int:
 
 
 def cmd_bound(args) -> int:
-    from .checkpoints import resolve
-
     sigmas = _floats(args.sigmas, "--sigmas")
-    loaded = resolve(args.checkpoint, args.model, args.data, args.prior)
+    loaded = _resolve(args, args.checkpoint, args.prior)
     if loaded.prior is None:
         raise UsageError("a bound needs the prior (initial) weights: pass --prior FILE (run folders use their init.pt)")
     settings = dataclasses.replace(_settings(args, ["bound"]), delta=args.delta, certificate_sigmas=sigmas,
@@ -344,11 +399,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_matrix_sensing(args) -> int:
-    from .experiments.matrix_sensing import main as matrix_sensing_main
+    from .experiments.matrix_sensing import run_experiment, write_results
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    return matrix_sensing_main(["--steps", str(args.steps), "--out", args.out, "--d", str(args.d), "--r", str(args.r),
-                                "--seeds", *map(str, seeds)])
+    seeds = _integers(args.seeds, "--seeds")
+    say = (lambda _line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    results = run_experiment(seeds, args.steps, args.methods, d=args.d, r=args.r, m=args.m, lr=args.lr, sigma=args.sigma,
+                             init_scale=args.init_scale, objective=args.objective, log_every=args.log_every,
+                             num_threads=args.threads, say=say)
+    written = write_results(results, args.out)
+    print(f"wrote {', '.join(map(str, written))} ({results['total_wall_time_s']:.0f}s in all)")
+    return 0
 
 
 def _start_distributed(args) -> None:
@@ -366,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     distributed = getattr(args, "distributed", False)
-    if getattr(args, "threads", None):
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if getattr(args, "threads", None):
         torch.set_num_threads(max(1, args.threads))
     try:
         if distributed:
@@ -384,10 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback dump
         if getattr(args, "debug", False):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        from .checkpoint_formats import plain_line
+
+        message = plain_line(exc, limit=None) or type(exc).__name__
         print(f"hessian-tools {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
+        torch.set_num_threads(threads)
         if distributed:
             import torch.distributed as dist
 

@@ -13,20 +13,20 @@ from typing import Callable, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from .zoo.data import DataBundle, batches
-from ..estimators import eigenvalues, trace
+from ..checks import check_choice
 from ..operators import HessianOperator
-from ..results import Result, TraceResult
-from .runs import evaluate
+from ..results import Result, _from_jsonable
+from .analyses import ANALYSES, PARTS, plan
+from .evaluation import evaluate
+from .zoo.data import DataBundle, batches
 
-ANALYSES = ("trace", "eigs", "density", "stability", "bound")
-
+DTYPES = ("float32", "float64")
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisSettings:
     """What to compute and how hard to try. The defaults suit models up to ~10⁵ parameters."""
 
-    what: tuple = ("trace", "eigs", "density", "stability", "bound")
+    what: tuple = ANALYSES
     params: str | None = None  # regex over parameter names; None = all trainable
     batch_size: int = 512
     seed: int = 0
@@ -48,19 +48,20 @@ class AnalysisSettings:
     distributed: bool = False  # shard the data over the torch.distributed ranks (torchrun)
 
     def __post_init__(self):
-        unknown = [w for w in self.what if w not in ANALYSES]
-        if unknown:
-            raise ValueError(f"unknown analysis {', '.join(map(repr, unknown))}; choose from {', '.join(ANALYSES)}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        plan(self.what)
+        check_choice("dtype", self.dtype, DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointAnalysis(Result):
-    """Everything measured on one checkpoint. Sub-results are ``None`` when not asked for.
+    """Everything measured on one checkpoint.
 
-    ``train_loss``/``train_acc``/``test_acc`` are exact (full passes, eval mode).
-    ``hvps`` is the total number of Hessian-vector products spent on this checkpoint.
+    ``train_loss``/``train_acc``/``test_acc`` are exact (full passes, eval mode). ``hvps`` is the
+    total number of Hessian-vector products spent on this checkpoint. ``parts`` holds the results of
+    the analyses run, by part name (``trace``, ``top``, ``bottom``, ``density``, ``stability``,
+    ``certificate``, ``measures``; see :mod:`hessian_tools.app.analyses`); each is also readable as
+    an attribute (``analysis.trace``, None when not computed) and sits at the top level of the JSON
+    form, as in files written by earlier versions.
     """
 
     kind: ClassVar[str] = "checkpoint_analysis"
@@ -75,15 +76,25 @@ class CheckpointAnalysis(Result):
     seed: int
     hvps: int
     wall_time_s: float
-    trace: TraceResult | None = None
-    top: Result | None = None
-    bottom: Result | None = None
-    density: Result | None = None
-    stability: Result | None = None
-    certificate: Result | None = None
-    measures: Result | None = None
+    parts: Mapping = dataclasses.field(default_factory=dict)
     settings: dict = dataclasses.field(default_factory=dict)
     timings: dict = dataclasses.field(default_factory=dict)  # seconds spent per analysis
+
+    def __getattr__(self, name: str):
+        if name in PARTS:
+            return self.__dict__.get("parts", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update(out.pop("parts"))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        data["parts"] = {p: _from_jsonable(data.pop(p)) for p in PARTS if data.get(p) is not None}
+        return super().from_dict(data)
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -110,6 +121,25 @@ def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: Analysis
                            device=settings.device)
 
 
+@dataclasses.dataclass
+class AnalysisContext:
+    """What an analysis of :mod:`hessian_tools.app.analyses` computes from: the model and its data,
+    the loss, the settings, the Hessian operator, the prior weights, and the parts computed so far."""
+
+    model: torch.nn.Module
+    bundle: DataBundle
+    settings: AnalysisSettings
+    operator: HessianOperator
+    prior_state: Mapping[str, torch.Tensor] | None
+    loss_fn: Callable = cross_entropy
+    parts: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def train_batches(self) -> list:
+        X, y = self.bundle.train
+        return batches(X, y, self.settings.batch_size)
+
+
 def analyze_model(
     model: torch.nn.Module,
     bundle: DataBundle,
@@ -119,10 +149,11 @@ def analyze_model(
     name: str = "checkpoint",
     progress: Callable[[str], None] | None = None,
 ) -> CheckpointAnalysis:
-    """Run the analyses in ``settings.what`` on ``model`` (its current weights) over ``bundle``.
+    """Run the analyses in ``settings.what`` (and what they need) on ``model`` (its current weights)
+    over ``bundle``.
 
     ``prior_state`` (the initial / pre-trained weights) is needed for the PAC-Bayes certificate
-    and the Hessian measures; without it ``"bound"`` is skipped.
+    and the Hessian measures; without it ``"bound"`` yields no parts.
     """
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
@@ -130,67 +161,16 @@ def analyze_model(
     op = make_operator(model, bundle, settings)
     train_loss, train_acc = evaluate(model, *bundle.train)
     test_loss, test_acc = evaluate(model, *bundle.test)
-    parts: dict = {}
+    context = AnalysisContext(model, bundle, settings, op, prior_state)
     timings: dict = {}
-    seed = settings.seed
-
-    def timed(name: str, message: str, compute: Callable[[], object]) -> None:
-        say(message)
+    for analysis in plan(settings.what):
+        say(analysis.progress)
         t0 = time.perf_counter()
-        parts[name] = compute()
-        timings[name] = time.perf_counter() - t0
-
-    if "trace" in settings.what or "bound" in settings.what:
-        timed("trace", "trace", lambda: trace(op, method=settings.trace_method, rtol=settings.trace_rtol,
-                                               max_hvps=settings.trace_max_hvps, seed=seed))
-    if "eigs" in settings.what:
-        timed("top", "top eigenvalues", lambda: eigenvalues(op, k=min(settings.eig_k, op.dim), which="LA", tol=settings.eig_tol,
-                                                             seed=seed, max_hvps=settings.eig_max_hvps))
-        timed("bottom", "smallest eigenvalue", lambda: eigenvalues(op, k=1, which="SA", tol=settings.eig_tol, seed=seed,
-                                                                     max_hvps=settings.eig_max_hvps))
-    if "density" in settings.what:
-        from ..estimators.density import density
-
-        timed("density", "density", lambda: density(op, n_probes=settings.density_probes,
-                                                     steps=min(settings.density_steps, op.dim), seed=seed))
-    if "stability" in settings.what:
-        timed("stability", "noise stability", lambda: _stability(model, bundle, settings, parts.get("trace")))
-    if "bound" in settings.what and prior_state is not None:
-        timed("certificate", "PAC-Bayes certificate", lambda: _certificate(model, bundle, settings, prior_state))
-        timed("measures", "Hessian measures", lambda: _measures(op, bundle, settings, prior_state, parts["trace"]))
-    hvps = op.hvps
+        context.parts.update({k: v for k, v in analysis.compute(context).items() if v is not None})
+        timings[analysis.name] = time.perf_counter() - t0
     return CheckpointAnalysis(
         name=name, dim=op.dim, n_train=int(bundle.train[1].shape[0]), n_test=int(bundle.test[1].shape[0]),
-        train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc, seed=seed,
-        hvps=hvps, wall_time_s=time.perf_counter() - start, settings=dataclasses.asdict(settings), timings=timings, **parts,
+        train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc, seed=settings.seed,
+        hvps=op.hvps, wall_time_s=time.perf_counter() - start, parts=dict(context.parts),
+        settings=dataclasses.asdict(settings), timings=timings,
     )
-
-
-def _stability(model, bundle, settings, trace_result):
-    from ..stability import stability_curve
-
-    X, y = bundle.train
-    return stability_curve(model, cross_entropy, batches(X, y, settings.batch_size), list(settings.sigmas),
-                           trace_result, n_samples=settings.stability_samples, seed=settings.seed, params=settings.params)
-
-
-def _certificate(model, bundle, settings, prior_state):
-    from ..bounds.certificate import pac_bayes_certificate
-
-    return pac_bayes_certificate(model, bundle.train, prior_state, sigmas=settings.certificate_sigmas,
-                                 n_mc=settings.certificate_samples, delta=settings.delta, seed=settings.seed,
-                                 params=settings.params)
-
-
-def _measures(op, bundle, settings, prior_state, trace_result):
-    from ..bounds.certificate import hessian_measures
-
-    return hessian_measures(op, _flat_prior(op, prior_state), n=int(bundle.train[1].shape[0]),
-                            trace_result=trace_result, seed=settings.seed)
-
-
-def _flat_prior(op: HessianOperator, prior_state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    missing = [n for n in op.param_names if n not in prior_state]
-    if missing:
-        raise ValueError(f"the prior weights lack {len(missing)} analysed parameter(s), first: {', '.join(missing[:3])}")
-    return torch.cat([prior_state[n].reshape(-1).to(op.dtype) for n in op.param_names])

@@ -1,107 +1,26 @@
 """Markdown and terminal tables from results (never from models or operators)."""
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from ..stats import Z95, mean_ci, paired_relative_change, relative_change_ci
-
-
-def as_dict(obj: Any) -> Any:
-    """A result object or its JSON dict → the dict form."""
-    return obj.to_dict() if hasattr(obj, "to_dict") else obj
-
-
-def fmt(value: float | None, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    value = float(value)
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}g}"
-
-
-def pm(value: float | None, half: float | None, digits: int = 4) -> str:
-    """``value ± half`` (half = a 95% half-width)."""
-    if value is None:
-        return "–"
-    if half is None or half == 0:
-        return fmt(value, digits)
-    return f"{fmt(value, digits)} ± {fmt(half, 2)}"
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def text_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A plain aligned table for the terminal."""
-    rows = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+from .analyses import REGISTRY
+from .formatting import as_dict, fmt, markdown_table, pm, text_table
 
 
 # --------------------------------------------------------------------------- one checkpoint
 def analysis_rows(analysis: Mapping) -> list[list[str]]:
-    """Rows (quantity, value ± 95% half-width, what the error bar is, HVPs, seed) for one analysis."""
+    """Rows (quantity, value ± 95% half-width, what the error bar is, HVPs, seed) for one analysis:
+    the exact losses, then each analysis of the registry that has results, then the totals."""
     a = as_dict(analysis)
     rows = [
         ["parameters", str(a["dim"]), "", "", ""],
         ["train loss / acc", f"{fmt(a['train_loss'])} / {fmt(a['train_acc'])}", f"exact, n={a['n_train']}", "", ""],
         ["test loss / acc", f"{fmt(a['test_loss'])} / {fmt(a['test_acc'])}", f"exact, n={a['n_test']}", "", ""],
     ]
-    tr = a.get("trace")
-    if tr:
-        rows.append(["Hessian trace", pm(tr["estimate"], Z95 * tr["stderr"]), f"95% CI, {tr['method']}, {tr['n_probes']} {'residual ' if tr['method'] == 'hutchpp' else ''}probes",
-                     str(tr["hvps"]), str(tr["seed"])])
-    for key, label in (("top", "top eigenvalues"), ("bottom", "smallest eigenvalue")):
-        e = a.get(key)
-        if e:
-            values = ", ".join(fmt(v, 6) for v in e["values"])
-            rows.append([label, values, f"|error| ≤ residual ≤ {fmt(max(e['residuals']), 2)}" + ("" if e["converged"] else " (NOT converged)"),
-                         str(e["hvps"]), str(e["seed"])])
-    d = a.get("density")
-    if d:
-        m = d["moments"]
-        rows.append(["trace from SLQ density", pm(m.get("trace"), Z95 * m.get("trace_stderr", 0.0)),
-                     f"95% CI, {d['n_probes']} probes × {d['steps']} steps", str(d["hvps"]), str(d["seed"])])
-    rows += stability_rows(a.get("stability"))
-    rows += certificate_rows(a.get("certificate"), a.get("measures"))
+    for analysis_kind in REGISTRY.values():
+        rows += analysis_kind.rows(a)
     rows.append(["total HVPs / wall time", f"{a['hvps']} / {a['wall_time_s']:.1f} s", "", "", ""])
-    return rows
-
-
-def stability_rows(stability: Mapping | None) -> list[list[str]]:
-    """One row per σ: measured E[f(W+U)] − f(W) ± 95% next to σ²/2·Tr(H), and their ratio."""
-    if not stability:
-        return []
-    s = as_dict(stability)
-    rows = []
-    for i, sigma in enumerate(s["sigmas"]):
-        holds = "" if s["taylor_holds"][i] else "; Taylor breaks down"
-        rows.append([f"noise stability σ={fmt(sigma, 2)}",
-                     f"{pm(s['measured'][i], Z95 * s['measured_stderr'][i])} (σ²/2·Tr H = {fmt(s['predicted'][i])})",
-                     f"95% CI, {s['n_samples']} evaluations{' antithetic' if s['antithetic'] else ''}, "
-                     f"ratio {fmt(s['ratio'][i], 3)}{holds}", "", str(s.get("seed", ""))])
-    return rows
-
-
-def certificate_rows(certificate: Mapping | None, measures: Mapping | None) -> list[list[str]]:
-    rows = []
-    if certificate:
-        c = as_dict(certificate)
-        rows.append(["PAC-Bayes bound (test error)", fmt(c.get("bound")),
-                     f"holds w.p. ≥ {1 - c.get('delta', float('nan')):.2f}; σ={fmt(c.get('sigma'), 2)}, KL={fmt(c.get('kl'))}, "
-                     f"MC error {fmt(c.get('mc_error'))} ({c.get('n_mc', '')} draws)", "", str(c.get("seed", ""))])
-    if measures:
-        m = as_dict(measures)
-        for key, label in (("second_order", "measure: 2nd-order bound"), ("distance_hessian", "measure: Ju–Li–Zhang Σ√(vᵀH⁺v)/√n"),
-                           ("trace_radius", "measure: √(Tr H·‖W−W0‖²/n)")):
-            if key in m and m[key] is not None:
-                rows.append([label, fmt(m[key]), "a measure, not a certificate", str(m.get("hvps", "")), str(m.get("seed", ""))])
     return rows
 
 

@@ -39,7 +39,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -51,9 +51,10 @@ from ..errors import CheckpointError, NonFiniteError
 from ..optim import BASES, METHODS
 from .checkpoints import load_checkpoint_into, load_into_model, load_state_dict
 from .io import atomic_torch_save, atomic_write_json, read_json
+from .evaluation import evaluate
 from .zoo.models import seeded_build
 
-__all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "METHODS", "BASES", "SCHEDULES"]
+__all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "optimization_steps", "Diverged", "METHODS", "BASES", "SCHEDULES"]
 
 SCHEDULES = ("constant", "cosine")
 
@@ -151,22 +152,6 @@ def _make_optimizer(config: TrainConfig, model: torch.nn.Module, generator: torc
     )
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (X, y), in eval mode (the mode is restored)."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    try:
-        for xb, yb in batches(X, y, batch_size):
-            logits = model(xb)
-            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-    finally:
-        model.train(was_training)
-    return total_loss / X.shape[0], correct / X.shape[0]
-
-
 def _build(config: TrainConfig, num_classes: int, input_shape) -> torch.nn.Module:
     return seeded_build(config.seed, config.model, num_classes, input_shape=input_shape, **config.model_kwargs)
 
@@ -209,6 +194,46 @@ def _compatible(old: Mapping[str, Any], new: TrainConfig) -> list[str]:
     return [k for k in keys if old.get(k, defaults.get(k)) != new_d.get(k)]
 
 
+def optimization_steps(optimizer: torch.optim.Optimizer, closures: Iterable[Callable[[], Any]],
+                       learning_rates: Iterable[float] | None = None) -> Iterator[float]:
+    """The common runner: one ``optimizer.step(closure)`` per closure (with the learning rate set
+    first when ``learning_rates`` is given), yielding each step's loss as a float. A non-finite loss
+    raises :class:`Diverged` (carrying the 0-based step and the value) before anything else runs.
+
+    Every optimizer of :mod:`hessian_tools.optim` takes a closure; a plain torch optimizer works too
+    (the closure then zeroes the gradients itself)."""
+    rates = iter(learning_rates) if learning_rates is not None else None
+    for step, closure in enumerate(closures):
+        if rates is not None:
+            lr = next(rates)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        loss = optimizer.step(closure)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else (math.nan if loss is None else float(loss))
+        if not math.isfinite(value) and loss is not None:
+            raise Diverged(step, value)
+        yield value
+
+
+class Diverged(NonFiniteError):
+    """The loss became NaN or infinite at ``step`` (0-based) of :func:`optimization_steps`."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"the loss became {value} at step {step + 1}")
+        self.step, self.value = step, value
+
+
+@dataclasses.dataclass
+class _Start:
+    """Where a run starts: after epoch ``epoch`` of an earlier run (0: from scratch), with its records."""
+
+    epoch: int = 0
+    records: list = dataclasses.field(default_factory=list)
+    old_meta: dict | None = None
+    head_reinitialised: bool = False
+    resumed_at: list = dataclasses.field(default_factory=list)
+
+
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
           progress: Callable[[dict], Any] | None = None) -> Path:
     """Train as ``config`` says and write a run folder at ``out_dir`` (see the module docstring).
@@ -222,103 +247,25 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     run_dir = Path(out_dir)
-    run_json = run_dir / "run.json"
     data: DataBundle = load_data(config.data)
-    (X_train, y_train), (X_test, y_test) = data.train, data.test
-
-    old_meta = None
-    if run_json.exists():
-        if not resume:
-            raise CheckpointError(f"{run_dir} already holds a run; pass resume=True to continue it, or choose another folder")
-        old_meta = read_json(run_json)
-        diff = _compatible(old_meta.get("config", {}), config)
-        if diff:
-            raise CheckpointError(f"cannot resume {run_dir}: the config differs in {', '.join(diff)} (only 'epochs' may change)")
-
+    old_meta = _previous_run(run_dir, config, resume)
     model = _build(config, data.num_classes, data.input_shape)
     data_seed, noise_seed = _seeds(config.seed)
     data_gen = torch.Generator().manual_seed(data_seed)
     noise_gen = torch.Generator().manual_seed(noise_seed)
-
-    start = 0
-    records: list[dict] = []
-    if old_meta is not None:
-        recorded = old_meta.get("epochs", [])
-        for e in range(len(recorded), 0, -1):
-            if _epoch_path(run_dir, e).is_file() and _state_path(run_dir, e).is_file():
-                start = e
-                break
-        records = list(recorded[:start])
-        head_reinit = bool(old_meta.get("head_reinitialised", False))
-        resumed_at = list(old_meta.get("resumed_at", [])) + [start]
-    else:
-        head_reinit = _load_init_checkpoint(model, config) if config.init_checkpoint else False
-        resumed_at = []
-
     optimizer = _make_optimizer(config, model, noise_gen)
-    if start > 0:
-        load_checkpoint_into(model, _epoch_path(run_dir, start))
-        state = _load_state(_state_path(run_dir, start))
-        optimizer.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["data_generator"])
-        noise_gen.set_state(state["noise_generator"])
-    elif old_meta is not None and (run_dir / "init.pt").is_file():
-        load_checkpoint_into(model, run_dir / "init.pt")
-        head_reinit = bool(old_meta.get("head_reinitialised", False))
-    elif old_meta is not None and config.init_checkpoint:
-        head_reinit = _load_init_checkpoint(model, config)
-
-    # Files of epochs after the resume point are stale: remove them before continuing.
-    if old_meta is not None:
-        for path in list(run_dir.glob("epoch_*.pt")) + list(run_dir.glob("state_*.pt")):
-            m = re.match(r"^(?:epoch|state)_(\d+)\.pt$", path.name)
-            if m and int(m.group(1)) > start:
-                path.unlink()
-        if (run_dir / "final.pt").exists() and start < config.epochs:
-            (run_dir / "final.pt").unlink()
-
-    meta = {
-        "config": config.to_dict(),
-        "epochs": records,
-        "versions": _versions(),
-        "data": config.data,
-        "data_name": data.name,
-        "model": config.model,
-        "num_classes": data.num_classes,
-        "input_shape": list(data.input_shape),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "n_train": int(X_train.shape[0]),
-        "n_test": int(X_test.shape[0]),
-        "head_reinitialised": head_reinit,
-        "resumed_at": resumed_at,
-        "status": "running",
-    }
+    start = _restore(run_dir, config, old_meta, model, optimizer, data_gen, noise_gen)
+    meta = _run_metadata(config, data, model, start)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if start == 0 and not (old_meta is not None and (run_dir / "init.pt").is_file()):
+    if start.epoch == 0 and not (old_meta is not None and (run_dir / "init.pt").is_file()):
         atomic_torch_save(model.state_dict(), run_dir / "init.pt")
-    atomic_write_json(run_json, meta)
+    atomic_write_json(run_dir / "run.json", meta)
 
-    for epoch in range(start + 1, config.epochs + 1):
+    for epoch in range(start.epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        steps_per_epoch = math.ceil(X_train.shape[0] / config.batch_size)
-        for step, (xb, yb) in enumerate(batches(X_train, y_train, config.batch_size, generator=data_gen)):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, (epoch - 1) * steps_per_epoch + step, config.epochs * steps_per_epoch)
-            def closure(xb=xb, yb=yb):
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(xb), yb)
-                loss.backward()
-                return loss
-
-            loss = optimizer.step(closure)
-            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else (None if loss is None else float(loss))
-            if value is not None and not math.isfinite(value):
-                raise NonFiniteError(
-                    f"training loss became {value} at epoch {epoch}, step {step + 1}; "
-                    f"try a smaller lr (now {config.lr}); epochs 1–{epoch - 1} are kept in {run_dir}")
-        train_loss, train_acc = evaluate(model, X_train, y_train)
-        test_loss, test_acc = evaluate(model, X_test, y_test)
+        _train_epoch(model, optimizer, config, data, data_gen, epoch, run_dir)
+        train_loss, train_acc = evaluate(model, *data.train)
+        test_loss, test_acc = evaluate(model, *data.test)
         record = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
             "test_loss": test_loss, "test_acc": test_acc, "wall_time_s": time.perf_counter() - t0,
@@ -331,14 +278,104 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
             "noise_generator": noise_gen.get_state(),
         }, _state_path(run_dir, epoch))
         meta["epochs"].append(record)
-        atomic_write_json(run_json, meta)
+        atomic_write_json(run_dir / "run.json", meta)
         if progress is not None:
             progress(dict(record))
 
     atomic_torch_save(model.state_dict(), run_dir / "final.pt")
     meta["status"] = "finished"
-    atomic_write_json(run_json, meta)
+    atomic_write_json(run_dir / "run.json", meta)
     return run_dir
+
+
+def _previous_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
+    """The run.json of the run already in ``run_dir`` (None if there is none), checked to be resumable."""
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        return None
+    if not resume:
+        raise CheckpointError(f"{run_dir} already holds a run; pass resume=True to continue it, or choose another folder")
+    old_meta = read_json(run_json)
+    diff = _compatible(old_meta.get("config", {}), config)
+    if diff:
+        raise CheckpointError(f"cannot resume {run_dir}: the config differs in {', '.join(diff)} (only 'epochs' may change)")
+    return old_meta
+
+
+def _restore(run_dir: Path, config: TrainConfig, old_meta: dict | None, model, optimizer, data_gen, noise_gen) -> _Start:
+    """Put model, optimizer and generators where the run continues (the last epoch with both its
+    checkpoint and its state, else the start) and delete files of later, stale epochs."""
+    if old_meta is None:
+        head = _load_init_checkpoint(model, config) if config.init_checkpoint else False
+        return _Start(head_reinitialised=head)
+    recorded = old_meta.get("epochs", [])
+    epoch = next((e for e in range(len(recorded), 0, -1)
+                  if _epoch_path(run_dir, e).is_file() and _state_path(run_dir, e).is_file()), 0)
+    start = _Start(epoch, list(recorded[:epoch]), old_meta, bool(old_meta.get("head_reinitialised", False)),
+                   list(old_meta.get("resumed_at", [])) + [epoch])
+    if epoch > 0:
+        load_checkpoint_into(model, _epoch_path(run_dir, epoch))
+        state = _load_state(_state_path(run_dir, epoch))
+        optimizer.load_state_dict(state["optimizer"])
+        data_gen.set_state(state["data_generator"])
+        noise_gen.set_state(state["noise_generator"])
+    elif (run_dir / "init.pt").is_file():
+        load_checkpoint_into(model, run_dir / "init.pt")
+    elif config.init_checkpoint:
+        start.head_reinitialised = _load_init_checkpoint(model, config)
+    for path in list(run_dir.glob("epoch_*.pt")) + list(run_dir.glob("state_*.pt")):
+        m = re.match(r"^(?:epoch|state)_(\d+)\.pt$", path.name)
+        if m and int(m.group(1)) > epoch:
+            path.unlink()
+    if (run_dir / "final.pt").exists() and epoch < config.epochs:
+        (run_dir / "final.pt").unlink()
+    return start
+
+
+def _run_metadata(config: TrainConfig, data: DataBundle, model, start: _Start) -> dict:
+    return {
+        "config": config.to_dict(),
+        "epochs": start.records,
+        "versions": _versions(),
+        "data": config.data,
+        "data_name": data.name,
+        "model": config.model,
+        "num_classes": data.num_classes,
+        "input_shape": list(data.input_shape),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "n_train": int(data.train[0].shape[0]),
+        "n_test": int(data.test[0].shape[0]),
+        "head_reinitialised": start.head_reinitialised,
+        "resumed_at": start.resumed_at,
+        "status": "running",
+    }
+
+
+def _train_epoch(model, optimizer, config: TrainConfig, data: DataBundle, data_gen, epoch: int, run_dir: Path) -> None:
+    """One pass over the shuffled training batches, the learning rate following the schedule."""
+    X, y = data.train
+    steps_per_epoch = math.ceil(X.shape[0] / config.batch_size)
+    total = config.epochs * steps_per_epoch
+
+    def closure_for(xb, yb):
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        return closure
+
+    model.train()
+    closures = (closure_for(xb, yb) for xb, yb in batches(X, y, config.batch_size, generator=data_gen))
+    rates = (learning_rate(config, (epoch - 1) * steps_per_epoch + step, total) for step in range(steps_per_epoch))
+    try:
+        for _ in optimization_steps(optimizer, closures, rates):
+            pass
+    except Diverged as exc:
+        raise NonFiniteError(
+            f"training loss became {exc.value} at epoch {epoch}, step {exc.step + 1}; "
+            f"try a smaller lr (now {config.lr}); epochs 1–{epoch - 1} are kept in {run_dir}") from None
 
 
 def _load_state(path: Path) -> dict:

@@ -1,10 +1,15 @@
 """Estimators: plain functions over any operator with ``dim`` and ``matmat``."""
+from .baston2022diagpp import diagpp
 from .density import density
+from .diagonal import diagonal, hutchinson_diagonal
 from .eigen import eigenvalues
-from .epperly2024xtrace import xtrace
+from .epperly2024xtrace import xdiag, xtrace
 from .hutchinson import hutchinson
 from .meyer2021hutchpp import hutchpp
 from .quadrature import quadratic_form, quadratic_forms
 from .trace import trace
 
-__all__ = ["density", "eigenvalues", "hutchinson", "hutchpp", "quadratic_form", "quadratic_forms", "trace", "xtrace"]
+__all__ = [
+    "density", "diagonal", "diagpp", "eigenvalues", "hutchinson", "hutchinson_diagonal", "hutchpp",
+    "quadratic_form", "quadratic_forms", "trace", "xdiag", "xtrace",
+]

@@ -5,35 +5,31 @@ import torch
 
 from ..checks import check_open_unit_interval
 from ..operators.adapters import as_operator
+from ..operators.base import LinearOperator
+from ..operators.params import block_numbers
 
 
-class CountingOperator:
-    """Wrap an operator: count the HVPs spent, and work in float64 on the CPU side of estimators."""
+class CountingOperator(LinearOperator):
+    """Wrap an operator for one estimator call: count the HVPs it spends, and hand products back in
+    float64 (V is cast to the operator's dtype for the product)."""
 
     def __init__(self, op):
         self.op = as_operator(op)
         self.dim = int(self.op.dim)
+        self.dtype = torch.float64
         self.hvps = 0
         self.device = getattr(self.op, "device", torch.device("cpu"))
         self.blocks = getattr(self.op, "blocks", None)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """H V in float64 (V is cast to the operator's dtype for the product)."""
-        if V.shape[1] == 0:
-            return torch.zeros_like(V, dtype=torch.float64)
-        out = self.op.matmat(V.to(device=self.device, dtype=getattr(self.op, "dtype", torch.float64)))
-        self.hvps += V.shape[1]
-        return out.to(torch.float64)
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.op.matmat(V.to(device=self.device, dtype=self.op.dtype)).to(torch.float64)
 
 
 def block_index(blocks, dim: int, device=None) -> tuple[list[str], torch.Tensor] | tuple[None, None]:
     """Names and a (dim,) tensor mapping each coordinate to its block number."""
     if not blocks:
         return None, None
-    index = torch.empty(dim, dtype=torch.long, device=device)
-    for number, block in enumerate(blocks):
-        index[block.start : block.stop] = number
-    return [b.name for b in blocks], index
+    return [b.name for b in blocks], block_numbers(blocks, dim, device)
 
 
 def block_sums(values: torch.Tensor, index: torch.Tensor, n_blocks: int) -> torch.Tensor:

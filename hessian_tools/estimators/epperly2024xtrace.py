@@ -46,6 +46,32 @@ symmetric P, and E[ûûᵀ]·(dim − s + 1) = I − P, so the expected per-coor
 diag(PH) + diag(H(I − P)) = diag(H): summing over a block's coordinates gives an unbiased estimate
 of tr(H_bb) from the same probes and HVPs, and the block estimates sum exactly to the total.
 Their stderr is computed the same way as the total's.
+
+XDiag (the same paper, its diagonal estimator; :func:`xdiag`). The same exchangeable design for
+diag(H), with s = ⌊max_hvps/2⌋ Rademacher probes Ω, Y = HΩ = QR and Z = HQ:
+
+    d_i = diag(Q_(i)Q_(i)ᵀH) + ω_i ⊙ (I − Q_(i)Q_(i)ᵀ)Hω_i,     estimate = (1/s) Σ_i d_i.
+
+Each d_i is unbiased (ω_i is independent of Q_(i) and E[ω_i ω_iᵀ] = I): the diagonal of the
+rank-(s−1) part exactly, plus a one-probe Hutchinson diagonal estimate of the residual
+(I − Q_(i)Q_(i)ᵀ)H. With the downdating above, Q_(i)Q_(i)ᵀ = Q(I − s_i s_iᵀ)Qᵀ, so
+
+    diag(Q_(i)Q_(i)ᵀH) = diag(QQᵀH) − (Qs_i) ⊙ (Zs_i),
+    (I − Q_(i)Q_(i)ᵀ)Hω_i = y_i − Qt_i + Qs_i (s_iᵀt_i),   t_i = QᵀHω_i (T = ZᵀΩ),
+
+again from Y and Z alone: 2s HVPs in all. Probes are Rademacher, as in the paper: for the diagonal
+their z_i² = 1 removes the H_ii² term a Gaussian probe would add to each coordinate's variance (no
+renormalisation is needed, unlike XTrace's spherical probes). When rank(H) ≤ s − 1 every Q_(i) spans
+range(H) and the estimate is exact.
+
+XDiag's error estimate (``stderr``): per coordinate, std(d_1..s)/√s, the analogue of XTrace's; like
+it, an estimate of the whole error from exchangeable, dependent samples, not a textbook standard
+error; the tests check its coverage against exact diagonals. Measured: on the Hessians of the small
+CNN and ResNet it matches the actual error (68–70% of coordinates within one stderr, 99% within
+three; analysis/diagonal_accuracy.py); on a dense matrix with five outliers and a flat bulk it runs
+about 20% small (58% within one stderr, 98% within three). Block sums and the trace get theirs
+from the per-probe block sums of the d_i. When ``max_hvps ≥ dim`` the diagonal is computed
+exactly as diag(H·I) with dim HVPs.
 """
 from __future__ import annotations
 
@@ -53,13 +79,14 @@ import math
 
 import torch
 
-from ..results import TraceResult
 from ..checks import check_integer
+from ..results import DiagonalResult, TraceResult
 from ..seeding import seeded_generator
 from ..stats import mean_and_stderr
 from .common import CountingOperator, block_index, block_sums
+from .diagonal import CoordinateMoments, diagonal_result, exact_diagonal
 from .hutchinson import block_results
-from .probes import gaussian
+from .probes import gaussian, rademacher
 
 
 def xtrace(op, *, max_hvps: int = 100, seed: int | None = 0, keep_samples: bool = True) -> TraceResult:
@@ -104,6 +131,33 @@ def xtrace(op, *, max_hvps: int = 100, seed: int | None = 0, keep_samples: bool 
         blocks=blocks,
         samples=tuple(samples.tolist()) if keep_samples else (),
     )
+
+
+def xdiag(op, *, max_hvps: int = 100, seed: int | None = 0, block_size: int = 16) -> DiagonalResult:
+    """Estimate diag(H) by XDiag with s = ⌊max_hvps/2⌋ Rademacher probes (2s HVPs); see the module
+    docstring. ``block_size`` bounds the memory of the per-probe estimates (columns at a time)."""
+    check_integer("max_hvps", max_hvps, 4)
+    check_integer("block_size", block_size)
+    H = CountingOperator(op)
+    if max_hvps >= H.dim:
+        return exact_diagonal(H, "xdiag", seed)
+    s = max_hvps // 2
+    generator, seed = seeded_generator(seed)
+    Omega = rademacher(H.dim, s, generator, device=H.device)
+    Y = H.matmat(Omega)
+    Q, R = torch.linalg.qr(Y)
+    Z = H.matmat(Q)
+    S = _leave_one_out_directions(R)  # column i: unit s_i ⟂ r_j (j ≠ i)
+    T = Z.T @ Omega  # t_i = QᵀHω_i
+    sketched = (Q * Z).sum(1, keepdim=True)  # diag(QQᵀH)
+    weights = (S * T).sum(0)  # s_iᵀt_i
+    moments = CoordinateMoments(H)
+    for start in range(0, s, block_size):
+        cols = slice(start, min(start + block_size, s))
+        QS, ZS = Q @ S[:, cols], Z @ S[:, cols]
+        residual = Y[:, cols] - Q @ T[:, cols] + QS * weights[cols]  # (I − Q_(i)Q_(i)ᵀ)Hω_i
+        moments.add(sketched - QS * ZS + Omega[:, cols] * residual)
+    return diagonal_result(moments, H, "xdiag", seed, sketch=s)
 
 
 def _leave_one_out_directions(R: torch.Tensor) -> torch.Tensor:

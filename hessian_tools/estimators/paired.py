@@ -13,9 +13,13 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..results import ComparisonResult, PairedDifference, TraceResult
+from ..checks import check_choice
 from ..seeding import resolve_seed
 from ..stats import mean_and_stderr
 from .trace import trace
+
+#: trace methods whose per-probe samples pair across operators (i.i.d. probes from the same seed)
+PAIRED_METHODS = ("hutchpp", "hutchinson")
 
 
 def paired_difference(name_a: str, a: TraceResult, name_b: str, b: TraceResult) -> PairedDifference:
@@ -39,6 +43,7 @@ def paired_traces(operators: Mapping[str, object], *, method: str = "hutchpp", m
                   seed: int | None = 0, progress: Callable[[str], None] | None = None) -> ComparisonResult:
     """Estimate every operator's trace with the SAME probes (same seed, fixed budget, no rtol) and
     report each pair's paired difference (the first name is the baseline of every pair)."""
+    check_choice("method", method, PAIRED_METHODS)
     if len(operators) < 2:
         raise ValueError("compare needs at least two checkpoints")
     dims = {op.dim for op in operators.values()}

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import _check_block
+from .base import LinearOperator
+from .params import block_numbers
 
 
-class BlockColumnsOperator:
+class BlockColumnsOperator(LinearOperator):
     """``matmat(V)[:, j] = P_b H V[:, j]`` where b is the block column j is supported on."""
 
     def __init__(self, op, blocks):
@@ -23,10 +24,8 @@ class BlockColumnsOperator:
         self.dtype = getattr(op, "dtype", torch.float64)
         self.device = getattr(op, "device", torch.device("cpu"))
         self.blocks = tuple(blocks)
-        index = torch.empty(self.dim, dtype=torch.long)
-        for number, block in enumerate(self.blocks):
-            index[block.start : block.stop] = number
-        self._index = index
+        self.hvps = 0
+        self._index = block_numbers(self.blocks, self.dim)
 
     def block_of_columns(self, V: torch.Tensor) -> torch.Tensor:
         """The block each column is supported on; refuses columns that straddle blocks."""
@@ -37,8 +36,7 @@ class BlockColumnsOperator:
             raise ValueError("each column of V must be supported on a single parameter block")
         return support.argmax(0)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        V = _check_block(V, self.dim)
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         owner = self.block_of_columns(V)
         mask = (self._index[:, None] == owner[None, :]).to(device=V.device)
         return self.op.matmat(V) * mask

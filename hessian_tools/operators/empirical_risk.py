@@ -87,7 +87,8 @@ class EmpiricalRisk:
     model: the ``nn.Module``; never modified (train/eval flags and, in train mode, buffers are
         restored after every pass). A ``DistributedDataParallel`` wrapper is unwrapped.
     loss_fn: ``loss_fn(outputs, targets)`` → the batch-mean loss (a scalar tensor); ``outputs`` is
-        :func:`model_output` of what the model returns.
+        :func:`model_output` of what the model returns. ``None`` for a risk whose callers score
+        their own statistics (:meth:`scalar_loss` with ``statistic=``).
     data: batches, as :class:`~hessian_tools.operators.data_source.BatchSource` accepts them.
     params: ``None`` (all trainable), a regex, names, modules or parameter tensors.
     mode: ``"eval"`` (BatchNorm uses running statistics, dropout off) or ``"train"``.
@@ -114,7 +115,7 @@ class EmpiricalRisk:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
+        if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> scalar batch-mean loss")
         self.mode = check_choice("mode", mode, MODES)
         self.model = model.module if type(model).__name__ == "DistributedDataParallel" else model
@@ -165,11 +166,12 @@ class EmpiricalRisk:
         """ℓ_b of ``model`` called directly (for the autograd backend): a scalar tensor."""
         return self.scalar_loss(model_output(call_model(model, inputs)), targets)
 
-    def scalar_loss(self, outputs: torch.Tensor, targets) -> torch.Tensor:
-        value = self.loss_fn(outputs, targets)
+    def scalar_loss(self, outputs: torch.Tensor, targets, statistic: Callable | None = None) -> torch.Tensor:
+        """``statistic(outputs, targets)`` (default: the loss), checked to be a scalar tensor."""
+        value = (statistic or self.loss_fn)(outputs, targets)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"loss_fn must return a scalar tensor (the batch mean), got {shape}")
+            raise ValueError(f"the loss must return a scalar tensor (the batch mean), got {shape}")
         return value
 
     def weighted_sum(

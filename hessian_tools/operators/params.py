@@ -103,6 +103,14 @@ def make_blocks(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[ParameterBlo
     return tuple(blocks)
 
 
+def block_numbers(blocks: Sequence[ParameterBlock], dim: int, device=None) -> torch.Tensor:
+    """A (dim,) long tensor holding, for every coordinate of the flat vector, the number of its block."""
+    index = torch.empty(dim, dtype=torch.long, device=device)
+    for number, block in enumerate(blocks):
+        index[block.start : block.stop] = number
+    return index
+
+
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat vector (row-major)."""
     return torch.cat([t.reshape(-1) for t in tensors])

@@ -39,8 +39,8 @@ Methods (full batch, step size ``lr``, fresh noise every step from a seeded ``to
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -50,6 +50,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from ...optim import make_optimizer
+from ..runs import Diverged, optimization_steps
 
 __all__ = [
     "MatrixSensingProblem",
@@ -66,7 +69,7 @@ __all__ = [
     "initial_U",
     "run_matrix_sensing",
     "run_experiment",
-    "main",
+    "write_results",
     "METHODS",
     "PAPER_VAL_LOSS",
 ]
@@ -199,11 +202,17 @@ def objective_value(U: torch.Tensor, problem: MatrixSensingProblem, objective: s
 
 def gradient(U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse") -> torch.Tensor:
     """Closed-form ∇f(U) of the training objective: (4/(m s)) (Σ r_i A_i) U."""
+    return objective_and_gradient(U, problem, objective)[1]
+
+
+def objective_and_gradient(U: torch.Tensor, problem: MatrixSensingProblem,
+                           objective: str = "half_mse") -> tuple[float, torch.Tensor]:
+    """f(U) = Σ r_i²/(m s) and ∇f(U) = (4/(m s)) (Σ r_i A_i) U from one residual pass."""
     A = problem.A_train
-    c = objective_scale(problem, objective)
+    scale = A.shape[0] * objective_scale(problem, objective)
     r = residuals(U, problem, "train")
     S = unpack_symmetric(torch.mv(A.T, r), problem.d)
-    return (4.0 / (A.shape[0] * c)) * (S @ U)
+    return float(r.double().pow(2).sum()) / scale, (4.0 / scale) * (S @ U)
 
 
 def exact_hessian_trace(U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse",
@@ -300,47 +309,54 @@ def run_matrix_sensing(method: str, seed: int = 0, steps: int = 5000, *, d: int 
         torch.set_num_threads(previous_threads)
 
 
+def _optimizer(method: str, U: torch.nn.Parameter, lr: float, sigma: float, k: int, two_sided: bool,
+               noise: torch.Generator) -> torch.optim.Optimizer:
+    """Full-batch GD (plain SGD, no momentum), weight-perturbed GD or NSO from :mod:`hessian_tools.optim`."""
+    options = {"gd": {}, "wp": {"sigma": sigma, "k": k}, "nso": {"sigma": sigma, "k": k, "two_sided": two_sided}}[method]
+    name = {"gd": "sgd", "wp": "wp", "nso": "nso"}[method]
+    return make_optimizer(name, [U], base="sgd", lr=lr, momentum=0.0, generator=noise, **options)
+
+
 def _run(method, seed, steps, problem, lr, sigma, k, two_sided, init_scale, objective, log_every, trace):
-    U = initial_U(problem, seed, init_scale)
-    noise = torch.Generator().manual_seed(int(seed) + 104_729)
+    U = torch.nn.Parameter(initial_U(problem, seed, init_scale))
+    optimizer = _optimizer(method, U, lr, sigma, k, two_sided, torch.Generator().manual_seed(int(seed) + 104_729))
     curve: dict[str, list] = {"step": [], "train_loss": [], "val_loss": []}
-    diverged = False
 
     def log(step: int) -> None:
         curve["step"].append(step)
-        curve["train_loss"].append(loss(U, problem, "train"))
-        curve["val_loss"].append(loss(U, problem, "val"))
+        curve["train_loss"].append(loss(U.detach(), problem, "train"))
+        curve["val_loss"].append(loss(U.detach(), problem, "val"))
+
+    def closure():  # the closed-form gradient at the (possibly perturbed) U the optimizer set
+        value, g = objective_and_gradient(U.detach(), problem, objective)
+        U.grad = g
+        return value
 
     t0 = time.perf_counter()
     log(0)
-    for step in range(1, steps + 1):
-        if method == "gd":
-            g = gradient(U, problem, objective)
-        else:
-            g = torch.zeros_like(U)
-            for _ in range(k):
-                E = sigma * torch.randn(U.shape, generator=noise, dtype=torch.float64).to(U.dtype)
-                g += gradient(U + E, problem, objective)
-                if method == "nso" and two_sided:
-                    g += gradient(U - E, problem, objective)
-            g /= k * (2 if (method == "nso" and two_sided) else 1)
-        U = U - lr * g
-        if step % log_every == 0 or step == steps:
-            log(step)
-            if not math.isfinite(curve["train_loss"][-1]):
-                diverged = True
-                break
+    diverged = False
+    step = 0
+    try:
+        for step, _ in enumerate(optimization_steps(optimizer, itertools.repeat(closure, steps)), start=1):
+            if step % log_every == 0 or step == steps:
+                log(step)
+    except Diverged as exc:
+        diverged = True
+        log(exc.step + 1)
+    if not diverged and not all(math.isfinite(v) for v in curve["train_loss"]):
+        diverged = True
     wall = time.perf_counter() - t0
+    final = U.detach()
     return {
         "method": method, "seed": int(seed), "steps": int(steps), "d": problem.d, "r": problem.r, "m": problem.m,
         "lr": lr, "sigma": sigma, "k": k, "two_sided": two_sided, "init_scale": init_scale,
         "objective": objective,
         "curve": curve,
         "final_train_loss": curve["train_loss"][-1], "final_val_loss": curve["val_loss"][-1],
-        "hessian_trace": (exact_hessian_trace(U, problem, objective) if trace and not diverged else None),
-        "hessian_trace_estimated": (estimated_hessian_trace(U, problem, objective, seed=seed)
+        "hessian_trace": (exact_hessian_trace(final, problem, objective) if trace and not diverged else None),
+        "hessian_trace_estimated": (estimated_hessian_trace(final, problem, objective, seed=seed)
                                     if trace and not diverged else None),
-        "wall_time_s": wall, "diverged": diverged, "U": U,
+        "wall_time_s": wall, "diverged": diverged, "U": final,
     }
 
 
@@ -404,48 +420,15 @@ def run_experiment(seeds: Sequence[int] = (0,), steps: int = 5000, methods: Sequ
     }
 
 
-def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="matrix_sensing",
-                                description="Over-parameterised matrix sensing: GD vs WP-GD vs NSO (writes "
-                                            "OUT/matrix_sensing.json, .png and .pdf)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--out", type=Path, default=Path("figures"))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--d", type=int, default=100)
-    p.add_argument("--r", type=int, default=5)
-    p.add_argument("--m", type=int, default=None, help="measurements per split (default 5·d·r)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--sigma", type=float, default=0.08)
-    p.add_argument("--init-scale", type=float, default=1.0)
-    p.add_argument("--objective", default="half_mse", choices=OBJECTIVES)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads during the runs (memory-bound mat-vecs: 1 avoids oversubscription)")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    """Command line: run the experiment, write OUT/matrix_sensing.json and the figure (png + pdf)."""
+def write_results(results: dict, out_dir: str | Path) -> list[Path]:
+    """Write OUT/matrix_sensing.json and the figure (png + pdf); returns the paths written. The
+    paper's final validation losses are drawn only for the paper's own set-up."""
     from ..io import atomic_write_json
     from ..plots import plot_matrix_sensing
 
-    args = _parse_args(argv)
-    results = run_experiment(args.seeds, args.steps, args.methods, d=args.d, r=args.r, m=args.m, lr=args.lr,
-                             sigma=args.sigma, init_scale=args.init_scale, objective=args.objective,
-                             log_every=args.log_every, num_threads=args.threads,
-                             say=lambda line: print(line, flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = atomic_write_json(args.out / "matrix_sensing.json", results)
+    out_dir = Path(out_dir)
+    json_path = atomic_write_json(out_dir / "matrix_sensing.json", results)
     cfg = results["config"]
-    # the paper's final validation losses are drawn only for the paper's own set-up
-    shown = results if all(cfg[k] == v for k, v in _PAPER_SETTING.items()) else \
-        {k: v for k, v in results.items() if k != "paper_val_loss"}
-    figures = plot_matrix_sensing(shown, args.out, "matrix_sensing")
-    print(f"wrote {json_path}, {', '.join(str(f) for f in figures)} ({results['total_wall_time_s']:.0f}s in all)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    paper_setup = all(cfg[k] == v for k, v in _PAPER_SETTING.items())
+    shown = results if paper_setup else {k: v for k, v in results.items() if k != "paper_val_loss"}
+    return [json_path, *plot_matrix_sensing(shown, out_dir, "matrix_sensing")]

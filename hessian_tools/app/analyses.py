@@ -1,0 +1,189 @@
+"""The analyses a checkpoint can get, each defined once: its ``--what`` name, the result parts it
+fills, what it needs first, how it is computed (from the library) and how its rows read in a report.
+
+Adding an analysis means adding one :class:`Analysis` to :data:`REGISTRY` (and, if it has options,
+their fields to :class:`~hessian_tools.app.pipeline.AnalysisSettings`): the command line's
+``--what``, the pipeline, the JSON form of a :class:`~hessian_tools.app.pipeline.CheckpointAnalysis`
+and the report table all read this registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..results import Result
+from ..stats import Z95
+from .formatting import fmt, pm
+
+Row = list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """One analysis: ``compute(context)`` returns its result parts (``{part: Result}``); ``rows(parts)``
+    turns those parts (in their JSON dict form) into report rows (quantity, value ± 95%, error bar /
+    notes, HVPs, seed). ``needs`` are analyses whose parts it reads (computed first, reported only if
+    asked for)."""
+
+    name: str
+    parts: tuple[str, ...]
+    progress: str
+    compute: Callable[[Any], dict[str, Result | None]]
+    rows: Callable[[Mapping[str, Any]], list[Row]]
+    needs: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- compute
+def _trace(ctx) -> dict:
+    from ..estimators import trace
+
+    s = ctx.settings
+    return {"trace": trace(ctx.operator, method=s.trace_method, rtol=s.trace_rtol, max_hvps=s.trace_max_hvps,
+                           seed=s.seed)}
+
+
+def _eigs(ctx) -> dict:
+    from ..estimators import eigenvalues
+
+    s, op = ctx.settings, ctx.operator
+    common = {"tol": s.eig_tol, "seed": s.seed, "max_hvps": s.eig_max_hvps}
+    return {"top": eigenvalues(op, k=min(s.eig_k, op.dim), which="LA", **common),
+            "bottom": eigenvalues(op, k=1, which="SA", **common)}
+
+
+def _density(ctx) -> dict:
+    from ..estimators import density
+
+    s = ctx.settings
+    return {"density": density(ctx.operator, n_probes=s.density_probes, steps=min(s.density_steps, ctx.operator.dim),
+                               seed=s.seed)}
+
+
+def _stability(ctx) -> dict:
+    from ..stability import stability_curve
+
+    s = ctx.settings
+    return {"stability": stability_curve(ctx.model, ctx.loss_fn, ctx.train_batches, list(s.sigmas), ctx.parts["trace"],
+                                         n_samples=s.stability_samples, seed=s.seed, params=s.params)}
+
+
+def _bound(ctx) -> dict:
+    from ..bounds.certificate import pac_bayes_certificate
+    from ..bounds.measures import hessian_measures
+
+    if ctx.prior_state is None:
+        return {"certificate": None, "measures": None}
+    s, op = ctx.settings, ctx.operator
+    certificate = pac_bayes_certificate(ctx.model, ctx.train_batches, ctx.prior_state, sigmas=s.certificate_sigmas,
+                                        n_mc=s.certificate_samples, delta=s.delta, seed=s.seed, params=s.params)
+    measures = hessian_measures(op, _flat_prior(op, ctx.prior_state), n=op.num_samples, trace_result=ctx.parts["trace"],
+                                seed=s.seed)
+    return {"certificate": certificate, "measures": measures}
+
+
+def _flat_prior(op, prior_state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    missing = [n for n in op.param_names if n not in prior_state]
+    if missing:
+        raise ValueError(f"the prior weights lack {len(missing)} analysed parameter(s), first: {', '.join(missing[:3])}")
+    return torch.cat([prior_state[n].reshape(-1).to(op.dtype) for n in op.param_names])
+
+
+# --------------------------------------------------------------------------- report rows
+def trace_rows(parts: Mapping) -> list[Row]:
+    tr = parts.get("trace")
+    if not tr:
+        return []
+    residual = "residual " if tr["method"] == "hutchpp" else ""
+    return [["Hessian trace", pm(tr["estimate"], Z95 * tr["stderr"]),
+             f"95% CI, {tr['method']}, {tr['n_probes']} {residual}probes", str(tr["hvps"]), str(tr["seed"])]]
+
+
+def eig_rows(parts: Mapping) -> list[Row]:
+    rows = []
+    for key, label in (("top", "top eigenvalues"), ("bottom", "smallest eigenvalue")):
+        e = parts.get(key)
+        if e:
+            values = ", ".join(fmt(v, 6) for v in e["values"])
+            note = f"|error| ≤ residual ≤ {fmt(max(e['residuals']), 2)}" + ("" if e["converged"] else " (NOT converged)")
+            rows.append([label, values, note, str(e["hvps"]), str(e["seed"])])
+    return rows
+
+
+def density_rows(parts: Mapping) -> list[Row]:
+    d = parts.get("density")
+    if not d:
+        return []
+    m = d["moments"]
+    return [["trace from SLQ density", pm(m.get("trace"), Z95 * m.get("trace_stderr", 0.0)),
+             f"95% CI, {d['n_probes']} probes × {d['steps']} steps", str(d["hvps"]), str(d["seed"])]]
+
+
+def stability_rows(parts: Mapping) -> list[Row]:
+    """One row per σ: measured E[f(W+U)] − f(W) ± 95% next to σ²/2·Tr(H), and their ratio."""
+    s = parts.get("stability")
+    if not s:
+        return []
+    rows = []
+    for i, sigma in enumerate(s["sigmas"]):
+        holds = "" if s["taylor_holds"][i] else "; Taylor breaks down"
+        rows.append([f"noise stability σ={fmt(sigma, 2)}",
+                     f"{pm(s['measured'][i], Z95 * s['measured_stderr'][i])} (σ²/2·Tr H = {fmt(s['predicted'][i])})",
+                     f"95% CI, {s['n_samples']} evaluations{' antithetic' if s['antithetic'] else ''}, "
+                     f"ratio {fmt(s['ratio'][i], 3)}{holds}", "", str(s.get("seed", ""))])
+    return rows
+
+
+MEASURE_LABELS = (("second_order", "measure: 2nd-order bound"),
+                  ("distance_hessian", "measure: Ju–Li–Zhang Σ√(vᵀH⁺v)/√n"),
+                  ("trace_radius", "measure: √(Tr H·‖W−W0‖²/n)"))
+
+
+def bound_rows(parts: Mapping) -> list[Row]:
+    rows = []
+    c = parts.get("certificate")
+    if c:
+        rows.append(["PAC-Bayes bound (test error)", fmt(c.get("bound")),
+                     f"holds w.p. ≥ {1 - c.get('delta', float('nan')):.2f}; σ={fmt(c.get('sigma'), 2)}, "
+                     f"KL={fmt(c.get('kl'))}, MC error {fmt(c.get('mc_error'))} ({c.get('n_mc', '')} draws)",
+                     "", str(c.get("seed", ""))])
+    m = parts.get("measures")
+    if m:
+        for key, label in MEASURE_LABELS:
+            if m.get(key) is not None:
+                rows.append([label, fmt(m[key]), "a measure, not a certificate", str(m.get("hvps", "")),
+                             str(m.get("seed", ""))])
+    return rows
+
+
+REGISTRY: dict[str, Analysis] = {
+    a.name: a
+    for a in (
+        Analysis("trace", ("trace",), "trace", _trace, trace_rows),
+        Analysis("eigs", ("top", "bottom"), "top and smallest eigenvalues", _eigs, eig_rows),
+        Analysis("density", ("density",), "density", _density, density_rows),
+        Analysis("stability", ("stability",), "noise stability", _stability, stability_rows, needs=("trace",)),
+        Analysis("bound", ("certificate", "measures"), "PAC-Bayes certificate and Hessian measures", _bound,
+                 bound_rows, needs=("trace",)),
+    )
+}
+
+#: the ``--what`` names, in the order analyses run and are reported
+ANALYSES = tuple(REGISTRY)
+
+#: every result part a checkpoint analysis can hold
+PARTS = tuple(part for analysis in REGISTRY.values() for part in analysis.parts)
+
+
+def plan(what) -> list[Analysis]:
+    """The analyses to run for ``what`` (their needs first), in registry order."""
+    unknown = [w for w in what if w not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown analysis {', '.join(map(repr, unknown))}; choose from {', '.join(ANALYSES)}")
+    wanted = set(what)
+    for name in list(wanted):
+        wanted.update(REGISTRY[name].needs)
+    return [a for a in REGISTRY.values() if a.name in wanted]
