@@ -259,23 +259,6 @@ def _gradient(model, data) -> torch.Tensor:
     return total / n
 
 
-def _operator(model, data, probe: Probe) -> tuple[ht.HessianOperator, str]:
-    """Our operator on the model as it is; if this version cannot take the model's inputs or outputs
-    (dict inputs, ``.logits``), on :class:`KeywordInputs` around it, and say so."""
-    try:
-        return ht.HessianOperator(
-            model, F.cross_entropy, data, backend=probe.backend, chunk_size=probe.chunk
-        ), "as is"
-    except Exception as exc:  # noqa: BLE001 - recorded in the report
-        if not isinstance(data[0][0], dict):
-            raise
-        reason = str(exc).strip().splitlines()[0][:120]
-        op = ht.HessianOperator(
-            SM.KeywordInputs(model), F.cross_entropy, data, backend=probe.backend, chunk_size=probe.chunk
-        )
-        return op, f"wrapped in KeywordInputs ({reason})"
-
-
 def _timed_calls(fn, reps: int) -> list[float]:
     times = []
     for _ in range(reps):
@@ -303,7 +286,7 @@ def measure(probe: Probe, case: Case, checkpoint: str) -> dict:
         out["hvps_per_call"] = 0
     elif probe.kind == "ours":
         start = time.perf_counter()
-        op, out["inputs"] = _operator(model, data, probe)
+        op = ht.HessianOperator(model, F.cross_entropy, data, backend=probe.backend, chunk_size=probe.chunk)
         out["construct_s"] = time.perf_counter() - start  # includes one probe HVP on the first batch (func)
         V = torch.randn(op.dim, probe.K, generator=gen)
         out["times"] = _timed_calls(lambda: op.matmat(V), probe.reps)
@@ -613,10 +596,9 @@ def row_cells(row: dict, grad_s: float | None) -> list[str]:
         return [row["label"], "failed: " + row["error"], "", "", "", "", "", ""]
     total = statistics.median(row["times"])
     hvp = per_hvp(row)
-    label = row["label"] + (f" [inputs {row['inputs']}]" if row.get("inputs", "as is") != "as is" else "")
     ratio = f"{(hvp or total) / grad_s:.2f}×" if grad_s and row["config"]["kind"] != "estimators" else "—"
     return [
-        label,
+        row["label"],
         f"{total:.3g}",
         fmt(hvp),
         ratio,

@@ -10,9 +10,8 @@ imports: ``--model analysis/scale_models.py:resnet18 --data analysis/scale_model
   text, batches whose inputs are dicts ``{"input_ids", "attention_mask"}``.
 
 ``*_tiny`` variants are the benchmark's ``--quick`` sizes (``resnet_tiny`` is a small ResNet, not a
-ResNet-18). :class:`KeywordInputs` and
-:class:`PackedTextInputs` adapt the dict-input transformer to code that calls ``model(inputs)``
-with one argument and needs a tensor out (PyHessian).
+ResNet-18). :class:`PackedTextInputs` adapts the dict-input transformer to code that calls
+``model(inputs)`` with one tensor and needs a tensor out (PyHessian).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from torch import nn
 from hessian_tools.app.zoo.data import TextData, synthetic_text
 from hessian_tools.app.zoo.models import ResNet18, SmallResNet
 from hessian_tools.app.zoo.transformer import TextClassifier
-from hessian_tools.operators.empirical_risk import call_model, model_output
+from hessian_tools.operators.empirical_risk import model_output
 
 IMAGE_SHAPE = (3, 32, 32)
 TEXT = {
@@ -91,17 +90,6 @@ def text_batches() -> list[tuple[dict, torch.Tensor]]:
 
 def text_batches_tiny() -> list[tuple[dict, torch.Tensor]]:
     return text_data("tiny").batches(TEXT_BATCH["tiny"])
-
-
-class KeywordInputs(nn.Module):
-    """``wrapper(inputs)`` = the logits of ``model(**inputs)`` (dict inputs as keyword arguments)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: dict) -> torch.Tensor:
-        return model_output(call_model(self.model, inputs))
 
 
 class PackedTextInputs(nn.Module):

@@ -54,30 +54,14 @@ def test_train_mode_is_deterministic_with_the_default_dropout():
     assert torch.equal(model(**data.inputs).logits, model(**data.inputs).logits)
 
 
-class _Keywords(torch.nn.Module):
-    """model(**inputs).logits, for an operator that passes one positional input and wants a tensor."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs):
-        return self.model(**inputs).logits
-
-
 @pytest.mark.parametrize("backend", ["func", "autograd"])
-def test_hessian_of_attention_weights_matches_torch_func_hessian(backend):
+def test_hessian_of_attention_weights_with_dict_inputs_matches_torch_func_hessian(backend):
     model = _seeded(**TINY).double()
     data = synthetic_text(7, vocab_size=13, min_len=2, max_len=6, seed=3)
     parts = data.batches(3)  # uneven: 3 + 3 + 1
     name = "encoder.layers.0.self_attn.in_proj_weight"  # queries, keys and values: 3·8·8 = 192 parameters
     op = ht.HessianOperator(
-        _Keywords(model),
-        F.cross_entropy,
-        parts,
-        params=[f"model.{name}"],
-        backend=backend,
-        dtype=torch.float64,
+        model, F.cross_entropy, parts, params=[name], backend=backend, dtype=torch.float64
     )
     weight = dict(model.named_parameters())[name].detach()
 
