@@ -39,11 +39,7 @@ def test_quick_run_writes_the_report(bench, tmp_path):
 def test_diagonal_accuracy_quick_run(tmp_path):
     """analysis/diagonal_accuracy.py --quick: both models, the tables written, and the Gauss–Newton
     identity the ResNet's exact diagonal relies on checked against the full Hessian on the CNN."""
-    sys.path.insert(0, str(ANALYSIS))
-    try:
-        import diagonal_accuracy
-    finally:
-        sys.path.remove(str(ANALYSIS))
+    diagonal_accuracy = import_analysis_script("diagonal_accuracy")
     results = diagonal_accuracy.main(["--quick", "--out", str(tmp_path)])
     cnn, resnet = results["problems"]
     assert (cnn["model"], cnn["dim"], resnet["model"], resnet["dim"]) == ("cnn", 1898, "resnet", 5037)
@@ -56,11 +52,7 @@ def test_diagonal_accuracy_quick_run(tmp_path):
 
 @pytest.mark.slow
 def test_bound_benchmark_quick_run_writes_its_table(tmp_path):
-    sys.path.insert(0, str(ANALYSIS))
-    try:
-        import bench_bound
-    finally:
-        sys.path.remove(str(ANALYSIS))
+    bench_bound = import_analysis_script("bench_bound")
     bench_bound.main(["--quick", "--settings", "fixed50,dd50", "--methods", "sgd", "--out", str(tmp_path),
                       "--cache", str(tmp_path / "runs")])
     rows = json.loads((tmp_path / "bench_bound.json").read_text())["rows"]
