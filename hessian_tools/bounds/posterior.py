@@ -69,6 +69,7 @@ from ..checks import (
     check_positive,
     check_positive_numbers,
 )
+from ..operators.data_source import is_single_pair
 from ..errors import DataError, NonFiniteError
 from ..estimators.probes import gaussian_rows
 from ..operators.params import computation_mode, make_blocks
@@ -112,14 +113,7 @@ def _flat(model: nn.Module) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def _as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One (X, y) pair from an (X, y) pair or an iterable of (inputs, targets) batches."""
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, torch.Tensor) for t in data)
-        and data[0].ndim > 0
-        and data[1].ndim > 0
-        and data[0].shape[0] == data[1].shape[0]
-    ):
+    if is_single_pair(data):
         X, y = data
     else:
         try:

@@ -56,7 +56,7 @@ class BatchSource:
     """
 
     def __init__(self, data: Any, allow_empty: bool = False, max_batch_size: int | None = None):
-        if _is_single_pair(data):
+        if is_single_pair(data):
             data = [tuple(data)]
         if isinstance(data, Iterator):
             raise DataError(
@@ -143,7 +143,8 @@ def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) ->
     return obj
 
 
-def _is_single_pair(data: Any) -> bool:
+def is_single_pair(data: Any) -> bool:
+    """True for one ``(X, y)`` pair of tensors with equal leading dimensions (a single batch)."""
     return (
         isinstance(data, (tuple, list))
         and len(data) == 2
