@@ -50,6 +50,7 @@ groups, split) or other seeds and keeping the best; each such choice needs its o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -329,136 +330,49 @@ def optimised_certificate(
     )
     lr, mean_lr, init_sigma, noise_budget = (
         check_positive(k, v)
-        for k, v in (
-            ("lr", lr),
-            ("mean_lr", mean_lr),
-            ("init_sigma", init_sigma),
-            ("noise_budget", noise_budget),
-        )
+        for k, v in (("lr", lr), ("mean_lr", mean_lr), ("init_sigma", init_sigma), ("noise_budget", noise_budget))
     )
-    refine_fraction = check_number(
-        "refine_fraction", refine_fraction, minimum=0.0, maximum=1.0, open_maximum=True
-    )
+    refine_fraction = check_number("refine_fraction", refine_fraction, minimum=0.0, maximum=1.0, open_maximum=True)
     if batch_size is not None:
         batch_size = check_integer("batch_size", batch_size)
     seed = resolve_seed(seed)
     sub_seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(4)]
 
-    X, y = _as_tensors(data, "data")
-    n_prior, prior_label = 0, "pre-trained"
-    if prior_split is not None:
-        if not callable(prior_trainer):
-            raise ValueError("prior_split needs prior_trainer(prior_part, prior_state) -> state_dict")
-        prior_part, (X, y) = split_for_prior((X, y), prior_split, sub_seeds[3])
-        prior_state = prior_trainer(prior_part, prior_state)
-        n_prior, prior_label = int(prior_part[1].shape[0]), "data-dependent"
-    elif prior_trainer is not None:
-        raise ValueError("prior_trainer is used only with prior_split")
+    (X, y), prior_state, n_prior = _bound_set_and_prior(data, prior_state, prior_split, prior_trainer, sub_seeds[3])
+    prior_label = "pre-trained" if prior_split is None else "data-dependent"
     n = int(y.shape[0])
     if n < pacbayes.MIN_N_MAURER:
         raise ValueError(f"the bound set has n = {n} samples; the bound needs n ≥ {pacbayes.MIN_N_MAURER}")
 
-    posterior_model, folded = fold_batchnorm(model)
-    prior_model, _ = fold_batchnorm(model, prior_state)
-    named = list(posterior_model.named_parameters())
-    blocks = make_blocks(named)
-    names = [b.name for b in blocks]
-    w = _flat(posterior_model)
-    w0 = _flat(prior_model)
-    dim = w.numel()
-    dtype = named[0][1].dtype
-    device = named[0][1].device
-
-    labels = _group_labels(names, prior_groups)
-    group_names = list(dict.fromkeys(labels))
-    block_group = torch.tensor([group_names.index(label) for label in labels])
-    block_of = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor([b.size for b in blocks]))
-    group = block_group[block_of]
-    G, K = len(group_names), len(grid)
-    grid_cost = G * math.log(K)
+    co = _coordinates(model, prior_state, prior_groups, variance)
+    K = len(grid)
+    grid_cost = co.num_groups * math.log(K)
     confidence = grid_cost + math.log(2.0 * math.sqrt(n) / delta_bound)
-    var_index = block_of if variance == "layer" else torch.arange(dim)
-    units = len(blocks) if variance == "layer" else dim
-    h = None if hessian_diagonal is None else _hessian_vector(hessian_diagonal, model, folded, dim)
-    log_s = _initial_log_sigma(
-        h, var_index, units, init_sigma, hessian_damping, noise_budget, float(grid[-1])
-    )
-    num_classes = _num_classes(posterior_model, X[:1].to(device, dtype))
+    h = None if hessian_diagonal is None else _hessian_vector(hessian_diagonal, model, co.folded, co.dim)
+    log_s = _initial_log_sigma(h, co.var_index, co.units, init_sigma, hessian_damping, noise_budget, float(grid[-1]))
+    num_classes = _num_classes(co.model, X[:1].to(co.device, co.dtype))
     loss_max = default_loss_max(num_classes) if loss_max is None else check_positive("loss_max", loss_max)
 
     mu, log_s, history, final_objective = _optimise(
-        posterior_model,
-        named,
-        blocks,
-        X,
-        y,
-        w0 if mean_start == "prior" else w,
-        w0,
-        log_s,
-        var_index,
-        group,
-        G,
-        grid,
-        steps=steps,
-        lr=lr,
-        mean_lr=mean_lr,
-        optimise_mean=bool(optimise_mean),
-        refine_steps=round(refine_fraction * steps),
-        batch_size=batch_size,
-        loss_max=loss_max,
-        n=n,
-        confidence=confidence,
-        objective=objective,
-        seed=sub_seeds[0],
-    )
+        co, X, y, co.w0 if mean_start == "prior" else co.w, log_s, grid,
+        steps=steps, lr=lr, mean_lr=mean_lr, optimise_mean=bool(optimise_mean),
+        refine_steps=round(refine_fraction * steps), batch_size=batch_size, loss_max=loss_max, n=n,
+        confidence=confidence, objective=objective, seed=sub_seeds[0],
+    )  # fmt: skip
 
-    sigma = torch.exp(log_s)[var_index]
-    kls, lam_index = _grid_kl(mu, sigma, w0, group, G, grid)
+    sigma = torch.exp(log_s)[co.var_index]
+    kls, lam_index = _grid_kl(mu, sigma, co.w0, co.group, co.num_groups, grid)
     kl = float(sum(kls))
-    kl_mean = 0.5 * float(((mu - w0) ** 2 / torch.as_tensor(grid[lam_index])[group] ** 2).sum())
-    kl_floor = 0.5 * float(torch.log1p((mu - w0) ** 2 / sigma**2).sum())
+    kl_mean = 0.5 * float(((mu - co.w0) ** 2 / torch.as_tensor(grid[lam_index])[co.group] ** 2).sum())
+    kl_floor = 0.5 * float(torch.log1p((mu - co.w0) ** 2 / sigma**2).sum())
 
-    evaluations = steps
-    bound_eval = PerturbedEvaluator(posterior_model, _eval_batches(X, y), mode="eval", chunk_size=chunk_size)
-    shift = mu - w
-    train_errors = _draw_errors(bound_eval, shift, sigma, n_mc, sub_seeds[1])
-    evaluations += n_mc
-    mc_error, mc_stderr = mean_and_stderr(train_errors)
+    bound_eval = PerturbedEvaluator(co.model, _eval_batches(X, y), mode="eval", chunk_size=chunk_size)
+    shift = mu - co.w
+    mc_error, mc_stderr = mean_and_stderr(_draw_errors(bound_eval, shift, sigma, n_mc, sub_seeds[1]))
     mc_error = min(max(mc_error, 0.0), 1.0)
-    cert = pacbayes.certificate_bound(mc_error, n_mc, kl, n, delta, delta_mc=delta_mc, grid_size=K**G)
-    train_error = bound_eval.evaluate_base(_zero_one)
+    cert = pacbayes.certificate_bound(mc_error, n_mc, kl, n, delta, delta_mc=delta_mc, grid_size=K**co.num_groups)
+    test = _test_errors(co.model, test_data, shift, sigma, n_mc_test, sub_seeds[2], optimise_mean, chunk_size)
 
-    test = {
-        "test_error": None,
-        "posterior_test_error": None,
-        "posterior_test_stderr": None,
-        "mean_test_error": None,
-        "n_test": 0,
-        "n_mc_test": 0,
-    }
-    if test_data is not None:
-        Xt, yt = _as_tensors(test_data, "test_data")
-        test_eval = PerturbedEvaluator(
-            posterior_model, _eval_batches(Xt, yt), mode="eval", chunk_size=chunk_size
-        )
-        test_errors = _draw_errors(test_eval, shift, sigma, n_mc_test, sub_seeds[2])
-        evaluations += n_mc_test
-        posterior_test_error, posterior_test_stderr = mean_and_stderr(test_errors)
-        test.update(
-            test_error=test_eval.evaluate_base(_zero_one),
-            n_test=int(yt.shape[0]),
-            n_mc_test=n_mc_test,
-            posterior_test_error=posterior_test_error,
-            posterior_test_stderr=posterior_test_stderr,
-        )
-        if optimise_mean:
-            test["mean_test_error"] = float(test_eval.evaluate(_zero_one, shift.unsqueeze(0))[0])
-
-    s_unit = torch.exp(log_s)
-    layer_sigma = tuple(
-        float(s_unit[i]) if variance == "layer" else float(s_unit[b.slice].pow(2).mean().sqrt())
-        for i, b in enumerate(blocks)
-    )
     mean_label = (
         "optimised mean μ (the certified network is N(μ, diag s²), not the checkpoint)"
         if optimise_mean
@@ -479,23 +393,23 @@ def optimised_certificate(
         mc_stderr=mc_stderr,
         mc_upper=cert["emp_risk_upper"],
         n_mc=n_mc,
-        train_error=train_error,
+        train_error=bound_eval.evaluate_base(_zero_one),
         **test,
         prior=prior_label,
         prior_split=None if prior_split is None else float(prior_split),
         n_prior=n_prior,
         lambda_grid=tuple(float(g) for g in grid),
-        prior_groups=tuple(group_names),
+        prior_groups=tuple(co.group_names),
         lambdas=tuple(float(grid[i]) for i in lam_index),
         lambda_indices=tuple(int(i) for i in lam_index),
         group_kl=tuple(float(k) for k in kls),
         variance=variance,
-        layers=tuple(names),
-        layer_sigma=layer_sigma,
+        layers=tuple(b.name for b in co.blocks),
+        layer_sigma=_layer_sigmas(log_s, co.blocks, variance),
         optimise_mean=bool(optimise_mean),
         mean_shift=float(shift.norm()),
-        dist=float((mu - w0).norm()),
-        dist_checkpoint=float((w - w0).norm()),
+        dist=float((mu - co.w0).norm()),
+        dist_checkpoint=float((co.w - co.w0).norm()),
         objective=objective,
         loss_max=float(loss_max),
         steps=steps,
@@ -505,15 +419,114 @@ def optimised_certificate(
         batch_size=batch_size,
         hessian_init=hessian_diagonal is not None,
         final_objective=final_objective,
-        folded_batchnorm=folded,
-        dim=dim,
+        folded_batchnorm=co.folded,
+        dim=co.dim,
         seed=seed,
-        evaluations=evaluations,
+        evaluations=steps + n_mc + test["n_mc_test"],
         wall_time_s=time.perf_counter() - start,
         history=history,
         label=f"posterior N(μ, diag s²), {mean_label}, s per {variance}; prior N(W0, λ²I) per group "
-        f"({', '.join(group_names)}) at the {prior_label} weights",
+        f"({', '.join(co.group_names)}) at the {prior_label} weights",
     )
+
+
+def _bound_set_and_prior(data, prior_state, prior_split, prior_trainer, seed):
+    """The bound set (X, y), the prior weights and the number of samples the prior was trained on:
+    all of ``data`` and ``prior_state`` as given, or — with ``prior_split`` — the part not used by
+    ``prior_trainer``, which turns ``prior_state`` into a prior trained on the other part."""
+    X, y = _as_tensors(data, "data")
+    if prior_split is None:
+        if prior_trainer is not None:
+            raise ValueError("prior_trainer is used only with prior_split")
+        return (X, y), prior_state, 0
+    if not callable(prior_trainer):
+        raise ValueError("prior_split needs prior_trainer(prior_part, prior_state) -> state_dict")
+    prior_part, bound_part = split_for_prior((X, y), prior_split, seed)
+    return bound_part, prior_trainer(prior_part, prior_state), int(prior_part[1].shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Coordinates:
+    """The folded network and the flat coordinates the Gaussians live on: W (``w``) and W0 (``w0``),
+    float64 of length ``dim``; per coordinate its prior group (``group``) and variance unit
+    (``var_index``: the tensor's index per layer, or the coordinate itself per parameter)."""
+
+    model: nn.Module
+    folded: tuple
+    named: list
+    blocks: list
+    w: torch.Tensor
+    w0: torch.Tensor
+    group: torch.Tensor
+    group_names: list
+    var_index: torch.Tensor
+    units: int
+
+    @property
+    def dim(self) -> int:
+        return self.w.numel()
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.named[0][1].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.named[0][1].device
+
+
+def _coordinates(model: nn.Module, prior_state, prior_groups, variance: str) -> _Coordinates:
+    posterior_model, folded = fold_batchnorm(model)
+    prior_model, _ = fold_batchnorm(model, prior_state)
+    named = list(posterior_model.named_parameters())
+    blocks = make_blocks(named)
+    labels = _group_labels([b.name for b in blocks], prior_groups)
+    group_names = list(dict.fromkeys(labels))
+    block_group = torch.tensor([group_names.index(label) for label in labels])
+    block_of = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor([b.size for b in blocks]))
+    w = _flat(posterior_model)
+    per_layer = variance == "layer"
+    return _Coordinates(
+        model=posterior_model, folded=folded, named=named, blocks=blocks, w=w, w0=_flat(prior_model),
+        group=block_group[block_of], group_names=group_names,
+        var_index=block_of if per_layer else torch.arange(w.numel()), units=len(blocks) if per_layer else w.numel(),
+    )  # fmt: skip
+
+
+def _test_errors(model, test_data, shift, sigma, n_mc_test: int, seed, optimise_mean: bool, chunk_size) -> dict:
+    """The checkpoint's and the posterior's test errors (the latter from ``n_mc_test`` draws, mean ±
+    standard error) and, with an optimised mean, the error of μ itself; ``None``s without test data."""
+    test = {"test_error": None, "posterior_test_error": None, "posterior_test_stderr": None,
+            "mean_test_error": None, "n_test": 0, "n_mc_test": 0}  # fmt: skip
+    if test_data is None:
+        return test
+    Xt, yt = _as_tensors(test_data, "test_data")
+    test_eval = PerturbedEvaluator(model, _eval_batches(Xt, yt), mode="eval", chunk_size=chunk_size)
+    posterior_test_error, posterior_test_stderr = mean_and_stderr(
+        _draw_errors(test_eval, shift, sigma, n_mc_test, seed)
+    )
+    test.update(
+        test_error=test_eval.evaluate_base(_zero_one),
+        n_test=int(yt.shape[0]),
+        n_mc_test=n_mc_test,
+        posterior_test_error=posterior_test_error,
+        posterior_test_stderr=posterior_test_stderr,
+    )
+    if optimise_mean:
+        test["mean_test_error"] = float(test_eval.evaluate(_zero_one, shift.unsqueeze(0))[0])
+    return test
+
+
+def _layer_sigmas(log_s: torch.Tensor, blocks, variance: str) -> tuple[float, ...]:
+    """s per parameter tensor (per-parameter variances: the tensor's root-mean-square s)."""
+    s_unit = torch.exp(log_s)
+    if variance == "layer":
+        return tuple(float(s_unit[i]) for i in range(len(blocks)))
+    return tuple(float(s_unit[b.slice].pow(2).mean().sqrt()) for b in blocks)
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
@@ -560,17 +573,11 @@ def _grid_kl(mu, sigma, w0, group, num_groups, grid):
 
 
 def _optimise(
-    model,
-    named,
-    blocks,
+    co: _Coordinates,
     X,
     y,
     mu0,
-    w0,
     log_s0,
-    var_index,
-    group,
-    num_groups,
     grid,
     *,
     steps,
@@ -586,7 +593,10 @@ def _optimise(
     seed,
 ):
     """Adam on log s (and μ): minimise the surrogate bound. Returns (μ, log s, history, last value)."""
-    dtype, device = named[0][1].dtype, named[0][1].device
+    model, blocks, w0, var_index, group, num_groups = (
+        co.model, co.blocks, co.w0, co.var_index, co.group, co.num_groups
+    )
+    dtype, device = co.dtype, co.device
     generator, _ = seeded_generator(seed)
     mu = mu0.clone().requires_grad_(optimise_mean)
     log_s = log_s0.clone().requires_grad_(True)
