@@ -170,8 +170,8 @@ def test_hessian_measures_match_dense(tiny_mlp):
     assert r.second_order == pytest.approx(second, rel=1e-6)
     assert r.distance_hessian == pytest.approx(dh, rel=1e-6)
     assert r.trace_radius == pytest.approx(radius, rel=1e-6)
-    assert [l.quadratic_form for l in r.layers] == pytest.approx(forms, rel=1e-6)
-    assert all(l.exhausted for l in r.layers) and r.distance_hessian_change == 0.0
+    assert [layer.quadratic_form for layer in r.layers] == pytest.approx(forms, rel=1e-6)
+    assert all(layer.exhausted for layer in r.layers) and r.distance_hessian_change == 0.0
     # the first layer's block is indefinite: relu matters, and the block's H_i⁺ is not the padded H⁺
     first = op.blocks[0]
     assert float(torch.linalg.eigvalsh(H[first.slice, first.slice])[0]) < -1e-3
@@ -185,11 +185,11 @@ def test_hessian_measures_match_dense(tiny_mlp):
         assert layer.name == block.name and layer.size == block.size
         assert layer.trace == pytest.approx(float(torch.trace(H[block.slice, block.slice])), rel=1e-8)
         assert layer.dist == pytest.approx(float((w - w0)[block.slice].norm()), rel=1e-12)
-        objective = lambda s: s * s * layer.trace / 2 + layer.dist**2 / (2 * n * lam * s * s)  # noqa: E731
+        objective = lambda s, layer=layer: s * s * layer.trace / 2 + layer.dist**2 / (2 * n * lam * s * s)  # noqa: E731
         assert objective(layer.sigma) == pytest.approx(layer.second_order, rel=1e-9)
         assert objective(layer.sigma) <= min(objective(0.9 * layer.sigma), objective(1.1 * layer.sigma))
     assert r.trace_stderr == 0.0 and r.second_order_stderr == 0.0
-    assert r.quadrature_hvps == sum(l.quadratic_form_steps for l in r.layers)
+    assert r.quadrature_hvps == sum(layer.quadratic_form_steps for layer in r.layers)
     assert r.hvps == r.trace_hvps + r.quadrature_hvps
     assert r.loss == pytest.approx(op.loss_and_gradient()[0])
     assert "not certificates" in r.note
@@ -212,15 +212,15 @@ def test_block_view_of_generic_operator_and_trace_clipping(tiny_mlp):
                      blocks=tuple(BlockTrace(b.name, t, 0.01) for b, t in zip(op.blocks, T_blocks)))
     r = hessian_measures(Dense(), w0, n=n, weights=w, trace_result=tr, quadrature_steps=64)
     ref = hessian_measures(op, w0, n=n, trace_result=tr, quadrature_steps=64, with_loss=False)
-    assert [l.quadratic_form for l in r.layers] == pytest.approx([l.quadratic_form for l in ref.layers], rel=1e-8)
+    assert [layer.quadratic_form for layer in r.layers] == pytest.approx([layer.quadratic_form for layer in ref.layers], rel=1e-8)
     clipped = r.layers[3]
     assert clipped.trace_clipped and clipped.second_order == 0.0 and clipped.sigma == math.inf
     assert clipped.second_order_stderr == pytest.approx(clipped.dist * math.sqrt(0.01 / n))
-    assert not any(l.trace_clipped for l in r.layers[:3])
-    assert r.second_order == pytest.approx(sum(l.dist * math.sqrt(l.trace / n) for l in r.layers[:3]), rel=1e-12)
+    assert not any(layer.trace_clipped for layer in r.layers[:3])
+    assert r.second_order == pytest.approx(sum(layer.dist * math.sqrt(layer.trace / n) for layer in r.layers[:3]), rel=1e-12)
     assert r.loss is None and r.trace_hvps == 10
-    for l in r.layers[:3]:  # delta method per layer
-        assert l.second_order_stderr == pytest.approx(l.dist * 0.01 / (2 * math.sqrt(n * l.trace)))
+    for layer in r.layers[:3]:  # delta method per layer
+        assert layer.second_order_stderr == pytest.approx(layer.dist * 0.01 / (2 * math.sqrt(n * layer.trace)))
     with pytest.raises(ValueError, match="weights"):
         hessian_measures(Dense(), w0, n=n, trace_result=tr)
     bad = TraceResult(1.0, 0.0, 1, "given", None, 1, blocks=(BlockTrace("x", 1.0, 0.0),))

@@ -27,7 +27,7 @@ def run(*args, cwd=None, check=True):
 def assert_one_line_error(proc, code, *needles):
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
-    error_lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1, proc.stderr
     for needle in needles:
         assert needle in error_lines[0], (needle, error_lines[0])

@@ -159,7 +159,7 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(n_batches: int) -> dict:
     """The single-process estimates on all ``n_batches`` batches."""
     model, loss_fn, batches = problem(n_batches)

@@ -121,7 +121,7 @@ def test_perturbed_evaluator_reads_the_same_input_kinds():
 def test_malformed_batches_are_refused_with_one_line(batch, message):
     model = nn.Linear(3, 2)
     with pytest.raises(DataError, match=message):
-        EmpiricalRisk(model, CE, [batch]).num_samples
+        _ = EmpiricalRisk(model, CE, [batch]).num_samples
 
 
 def test_model_output_prefers_logits():

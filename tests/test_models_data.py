@@ -1,6 +1,7 @@
 """Models (shapes, parameter counts, registry, factories) and data (digits splits, specs, batches)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import textwrap
 
@@ -292,7 +293,7 @@ def test_databundle_validation():
     with pytest.raises(DataError, match="NaN"):
         DataBundle((X * float("nan"), torch.zeros(4, dtype=torch.long)), (X, torch.zeros(4, dtype=torch.long)), 2)
     bundle = DataBundle((X, torch.zeros(4, dtype=torch.long)), (X, torch.ones(4, dtype=torch.long)), 2)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         bundle.num_classes = 3  # frozen
 
 

@@ -107,7 +107,7 @@ class BatchSource:
     @property
     def num_batches(self) -> int:
         if self._num_batches is None:
-            self.total
+            _ = self.total  # one pass counts the samples and the batches
         return self._num_batches
 
 

@@ -170,7 +170,7 @@ class _RoundRobin:
 
 
 def shard(data: Any, rank: int, world_size: int):
-    """This rank's share of ``data``, batches dealt round-robin (batch i goes to rank i mod W).
+    """The calling rank's share of ``data``, batches dealt round-robin (batch i goes to rank i mod W).
 
     A list/tuple of batches gives a list (shards may be uneven; with fewer batches than ranks some
     ranks get an empty list, which the distributed operator accepts). Another re-iterable (a

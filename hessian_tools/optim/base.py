@@ -235,9 +235,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _mean_loss(losses: list[Any]):
-        losses = [l for l in losses if l is not None]
+        losses = [loss for loss in losses if loss is not None]
         if not losses:
             return None
-        if all(isinstance(l, torch.Tensor) for l in losses):
-            return torch.stack([l.reshape(()) for l in losses]).mean()
-        return sum(float(l) for l in losses) / len(losses)
+        if all(isinstance(loss, torch.Tensor) for loss in losses):
+            return torch.stack([loss.reshape(()) for loss in losses]).mean()
+        return sum(float(loss) for loss in losses) / len(losses)

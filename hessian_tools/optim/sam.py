@@ -78,7 +78,7 @@ class SAM(PerturbedOptimizer):
         return None
 
     def _perturbation(self, params, groups, saved, grads) -> list[torch.Tensor | None]:
-        """:math:`\\epsilon_p = \\rho\\, T_p^2 g_p / \\|T g\\|` for each parameter."""
+        r""":math:`\epsilon_p = \rho\, T_p^2 g_p / \|T g\|` for each parameter."""
         tg, scalings = [], []
         for w, group, g in zip(saved, groups, grads):
             t = None if g is None else self._scaling(w, group)
@@ -95,7 +95,7 @@ class SAM(PerturbedOptimizer):
         # A zero gradient means Tg = 0, so dividing by 1 instead of 0 gives epsilon = 0 exactly.
         safe_norm = torch.where(norm > 0, norm, torch.ones_like(norm))
         eps = []
-        for x, t, group, p in zip(tg, scalings, groups, params):
+        for x, t, group in zip(tg, scalings, groups):
             if x is None:
                 eps.append(None)
                 continue
