@@ -116,10 +116,11 @@ def _optimised(ctx):
     s = ctx.settings
     data_dependent = s.prior_split is not None
     if data_dependent and ctx.prior_trainer is None:
-        raise ValueError("a data-dependent prior (--prior-split) is trained with the checkpoint's own recipe: "
-                         "point the command at a run folder (its run.json holds the recipe)")
+        raise ValueError("a data-dependent prior (--prior-split) is trained with the checkpoint's own "
+                         "recipe: point the command at a run folder (its run.json holds the recipe)")
     if s.params is not None:
-        raise ValueError("the optimised certificate covers every parameter; drop --params (or use --posterior isotropic)")
+        raise ValueError("the optimised certificate covers every parameter; drop --params "
+                         "(or use --posterior isotropic)")
     return optimised_certificate(ctx.model, ctx.bundle.train, ctx.prior_state, test_data=ctx.bundle.test, delta=s.delta,
                                  steps=s.certificate_steps, n_mc=_samples(s), n_mc_test=s.certificate_test_samples,
                                  optimise_mean=data_dependent, mean_start="prior" if data_dependent else "checkpoint",
@@ -200,9 +201,10 @@ def bound_rows(parts: Mapping) -> list[Row]:
         rows += posterior_certificate_rows(c, parts.get("settings", {}).get("prior_epochs"))
     elif c:
         rows.append(["PAC-Bayes bound (test error)", fmt(c.get("bound")),
-                     f"holds w.p. ≥ {1 - c.get('delta', float('nan')):.2f}; isotropic posterior N(W, σ²I), "
-                     f"σ={fmt(c.get('sigma'), 2)}, KL={fmt(c.get('kl'))}, MC error {fmt(c.get('mc_error'))} "
-                     f"({c.get('n_mc', '')} draws); vacuous on fine-tuned networks: use the optimised posterior",
+                     f"holds w.p. ≥ {1 - c.get('delta', float('nan')):.2f}; isotropic posterior "
+                     f"N(W, σ²I), σ={fmt(c.get('sigma'), 2)}, KL={fmt(c.get('kl'))}, MC error "
+                     f"{fmt(c.get('mc_error'))} ({c.get('n_mc', '')} draws); vacuous on fine-tuned networks: "
+                     "use the optimised posterior",
                      "", str(c.get("seed", ""))])
     m = parts.get("measures")
     if m:
@@ -218,9 +220,9 @@ def prior_label(c: Mapping, prior_epochs: int | None = None) -> str:
     if c.get("prior") == "data-dependent":
         share = c["prior_split"]
         plural = "s" if prior_epochs != 1 else ""
-        epochs = f", {prior_epochs} epoch{plural} of the run's recipe" if prior_epochs else " with the run's recipe"
-        return (f"data-dependent prior: trained on {100 * share:.0f}% of the training set (n_prior={c['n_prior']}"
-                f"{epochs}); bound on the other {100 * (1 - share):.0f}%, n={c['n']}")
+        epochs = f", {prior_epochs} epoch{plural} of the run's recipe" if prior_epochs else ""
+        return (f"data-dependent prior: trained on {100 * share:.0f}% of the training set "
+                f"(n_prior={c['n_prior']}{epochs}); bound on the other {100 * (1 - share):.0f}%, n={c['n']}")
     return f"pre-trained prior (the fine-tuning start); bound on the training set, n={c['n']}"
 
 
@@ -237,23 +239,24 @@ def posterior_certificate_rows(c: Mapping, prior_epochs: int | None = None) -> l
     lambdas = ", ".join(fmt(x, 3) for x in c["lambdas"])
     rows = [
         ["PAC-Bayes bound (test error of Q)", fmt(c["bound"]),
-         f"holds w.p. ≥ {1 - c['delta']:.2f} (δ = {fmt(c['delta_bound'], 2)} sample + {fmt(c['delta_mc'], 2)} MC); "
-         + prior_label(c, prior_epochs), "", seed],
+         f"holds w.p. ≥ {1 - c['delta']:.2f} (δ = {fmt(c['delta_bound'], 2)} sample + "
+         f"{fmt(c['delta_mc'], 2)} MC); " + prior_label(c, prior_epochs), "", seed],
         ["posterior train error (MC)", f"{fmt(c['mc_error'])} (≤ {fmt(c['mc_upper'])})",
          f"{c['n_mc']} weight draws on the n={c['n']} bound samples; upper = kl⁻¹ at δ_mc", "", seed],
         ["KL(Q‖P)", fmt(c["kl"]),
-         f"nats; λ = {lambdas} (+{fmt(c['grid_cost'], 3)} nats for the grid); posterior N(μ, diag s²), s per "
-         f"{c['variance']}, {mean}", "", seed],
+         f"nats; λ = {lambdas} (+{fmt(c['grid_cost'], 3)} nats for the grid); posterior N(μ, diag s²), "
+         f"s per {c['variance']}, {mean}", "", seed],
     ]
     if c.get("posterior_test_error") is not None:
-        mean_error = f"; network μ {fmt(c['mean_test_error'])}" if c.get("mean_test_error") is not None else ""
-        rows.append(["posterior test error vs checkpoint",
-                     f"{pm(c['posterior_test_error'], Z95 * c['posterior_test_stderr'])} vs {fmt(c['test_error'])}",
+        mean_error = "" if c.get("mean_test_error") is None else f"; network μ {fmt(c['mean_test_error'])}"
+        measured = pm(c["posterior_test_error"], Z95 * c["posterior_test_stderr"])
+        rows.append(["posterior test error vs checkpoint", f"{measured} vs {fmt(c['test_error'])}",
                      f"95% CI over {c['n_mc_test']} draws, n_test={c['n_test']}{mean_error}", "", seed])
     rows.append(["certificate wall time", f"{c['wall_time_s']:.1f} s",
                  f"{c['steps']} optimisation steps, {c['evaluations']} data passes", "", seed])
     if certificate_violated(c):
-        rows.append(["CERTIFICATE VIOLATED", f"bound {fmt(c['bound'])} < measured {fmt(c['posterior_test_error'])}",
+        rows.append(["CERTIFICATE VIOLATED",
+                     f"bound {fmt(c['bound'])} < measured {fmt(c['posterior_test_error'])}",
                      "the posterior's test error exceeds its bound: a bug, or the δ event", "", seed])
     return rows
 
@@ -265,10 +268,11 @@ def diagonal_rows(parts: Mapping) -> list[Row]:
     if not d:
         return []
     rows = [[f"diag(H) {b['name']} ({b['size']})", pm(b["sum"], Z95 * b["sum_stderr"]),
-             f"Σ H_ii, 95% CI; mean |d̂| {fmt(b['mean_abs'], 3)}, range [{fmt(b['min'], 3)}, {fmt(b['max'], 3)}], "
-             f"RMS stderr {fmt(b['rms_stderr'], 2)}", "", str(d["seed"])] for b in d["blocks"]]
+             f"Σ H_ii, 95% CI; mean |d̂| {fmt(b['mean_abs'], 3)}, range [{fmt(b['min'], 3)}, "
+             f"{fmt(b['max'], 3)}], RMS stderr {fmt(b['rms_stderr'], 2)}", "", str(d["seed"])] for b in d["blocks"]]
     rows.append(["diag(H) total (= trace)", pm(d["trace"], Z95 * d["trace_stderr"]),
-                 f"95% CI, {d['method']}, {d['n_probes']} probes, sketch {d['sketch']}", str(d["hvps"]), str(d["seed"])])
+                 f"95% CI, {d['method']}, {d['n_probes']} probes, sketch {d['sketch']}", str(d["hvps"]),
+                 str(d["seed"])])
     return rows
 
 

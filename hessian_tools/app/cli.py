@@ -34,7 +34,7 @@ EPILOG_ANALYZE = """examples:
 EPILOG_COMPARE = """examples:
   hessian-tools compare runs/sgd-s0 runs/nso-s0           # paired CI of the trace difference
   hessian-tools compare a.pt b.pt --model cnn --data builtin:digits --max-hvps 400
-  hessian-tools compare runs/sgd-s0 runs/nso-s0 --bound --prior-split 0.5   # and each one's PAC-Bayes bound"""
+  hessian-tools compare runs/sgd-s0 runs/nso-s0 --bound --prior-split 0.5   # and each one's bound"""
 EPILOG_CURVE = """examples:
   hessian-tools curve runs/sgd-s0 runs/nso-s0 --every 2 --out figures"""
 EPILOG_BOUND = """examples:
@@ -126,7 +126,8 @@ def _add_compare(sub) -> None:
     _model_data(p)
     _hvp_budget(p, 300, "HVPs per checkpoint (fixed, the same for all)")
     p.add_argument("--trace-method", choices=PAIRED_METHODS, default="hutchpp")
-    p.add_argument("--bound", action="store_true", help="also certify each checkpoint (PAC-Bayes bound columns)")
+    p.add_argument("--bound", action="store_true",
+                   help="also certify each checkpoint (PAC-Bayes bound columns)")
     _certificate_options(p)
     _common(p)
     _distributed(p)
@@ -160,15 +161,18 @@ def _certificate_options(p: argparse.ArgumentParser) -> None:
     defaults = AnalysisSettings()
     p.add_argument("--prior", help="prior/initial weights (a run folder's init.pt by default)")
     p.add_argument("--posterior", choices=POSTERIORS, default="optimised",
-                   help="optimised: a diagonal Gaussian fitted to the bound (default); isotropic: N(W, σ²I) "
-                        "on the --sigmas grid (vacuous on fine-tuned networks)")
+                   help="optimised: a diagonal Gaussian fitted to the bound (default); isotropic: "
+                        "N(W, σ²I) on the --sigmas grid (vacuous on fine-tuned networks)")
     p.add_argument("--prior-split", type=float, metavar="FRACTION",
-                   help="data-dependent prior: train it with the run's own recipe on this fraction of the "
-                        "training set (from the run's init weights) and bound on the rest; needs a run folder")
+                   help="data-dependent prior: train it with the run's own recipe on this fraction of "
+                        "the training set (from the run's init weights) and bound on the rest; needs a "
+                        "run folder")
     p.add_argument("--prior-epochs", type=int, default=defaults.prior_epochs,
                    help="epochs of the prior's training (default %(default)s)")
-    p.add_argument("--delta", type=float, default=defaults.delta, help="the bound holds with probability ≥ 1 − delta")
-    p.add_argument("--samples", type=int, help="Monte-Carlo weight draws (default 1000 optimised, 20 isotropic)")
+    p.add_argument("--delta", type=float, default=defaults.delta,
+                   help="the bound holds with probability ≥ 1 − delta")
+    p.add_argument("--samples", type=int,
+                   help="Monte-Carlo weight draws (default 1000 optimised, 20 isotropic)")
     p.add_argument("--steps", type=int, default=defaults.certificate_steps,
                    help="optimisation steps of the optimised posterior (default %(default)s)")
     p.add_argument("--sigmas", default=",".join(map(str, defaults.certificate_sigmas)),
@@ -271,8 +275,9 @@ def _settings(args, what):
     certificate = {}
     if hasattr(args, "posterior"):
         _check_certificate_options(args)
-        certificate = {"posterior": args.posterior, "prior_split": args.prior_split, "prior_epochs": args.prior_epochs,
-                       "delta": args.delta, "certificate_samples": args.samples, "certificate_steps": args.steps,
+        certificate = {"posterior": args.posterior, "prior_split": args.prior_split,
+                       "prior_epochs": args.prior_epochs, "delta": args.delta,
+                       "certificate_samples": args.samples, "certificate_steps": args.steps,
                        "certificate_sigmas": _floats(args.sigmas, "--sigmas")}
     max_hvps = getattr(args, "max_hvps", 600)
     return AnalysisSettings(what=tuple(what), params=args.params, batch_size=args.batch_size, seed=args.seed,
@@ -284,12 +289,14 @@ def _settings(args, what):
 
 def _check_certificate_options(args) -> None:
     if args.prior_split is not None and not 0 < args.prior_split < 1:
-        raise UsageError(f"--prior-split must be a fraction strictly between 0 and 1, got {args.prior_split:g}")
+        raise UsageError(f"--prior-split must be a fraction strictly between 0 and 1, "
+                         f"got {args.prior_split:g}")
     if args.prior_split is not None and args.posterior != "optimised":
         raise UsageError("--prior-split needs --posterior optimised")
     if not 0 < args.delta < 1:
         raise UsageError(f"--delta must be strictly between 0 and 1, got {args.delta:g}")
-    for option, value in (("--samples", args.samples), ("--steps", args.steps), ("--prior-epochs", args.prior_epochs)):
+    counts = (("--samples", args.samples), ("--steps", args.steps), ("--prior-epochs", args.prior_epochs))
+    for option, value in counts:
         if value is not None and value < 1:
             raise UsageError(f"{option} must be ≥ 1, got {value}")
 
@@ -299,8 +306,9 @@ def _prior_trainer(args, target: str):
     if getattr(args, "prior_split", None) is None:
         return None
     if not Path(target).is_dir():
-        raise UsageError(f"--prior-split trains the prior with the checkpoint's own training recipe, which the "
-                         f"file {target} lacks: point the command at a run folder from `hessian-tools train`")
+        raise UsageError(f"--prior-split trains the prior with the checkpoint's own training recipe, "
+                         f"which the file {target} lacks: point the command at a run folder from "
+                         "`hessian-tools train`")
     from .runs import recipe_trainer
 
     return recipe_trainer(target, args.prior_epochs)

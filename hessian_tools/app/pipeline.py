@@ -156,7 +156,7 @@ class AnalysisContext:
     operator: HessianOperator
     prior_state: Mapping[str, torch.Tensor] | None
     loss_fn: Callable = cross_entropy
-    prior_trainer: Callable | None = None  # (prior part, start weights) → state_dict; see runs.recipe_trainer
+    prior_trainer: Callable | None = None  # (prior part, start weights) → state_dict: runs.recipe_trainer
     parts: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -180,7 +180,8 @@ def analyze_model(
 
     ``prior_state`` (the initial / pre-trained weights) is needed for the PAC-Bayes certificate
     and the Hessian measures; without it ``"bound"`` yields no parts. ``prior_trainer`` trains a
-    data-dependent prior when ``settings.prior_split`` is set (:func:`~hessian_tools.app.runs.recipe_trainer`).
+    data-dependent prior when ``settings.prior_split`` is set
+    (:func:`~hessian_tools.app.runs.recipe_trainer`).
     """
     say = progress or (lambda _msg: None)
     start = time.perf_counter()

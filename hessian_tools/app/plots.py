@@ -541,8 +541,8 @@ def plot_bound_vs_trace(runs, out_dir, name: str = "bound_vs_trace") -> list[Pat
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle("Certified test error vs curvature, every run", fontsize=11)
-    _caption(fig, "one dot per run (method and seed); horizontal bars: the trace's 95% interval; the bound holds "
-                  "with probability ≥ 1 − δ")
+    _caption(fig, "one dot per run (method and seed); horizontal bars: the trace's 95% interval; the bound "
+                  "holds with probability ≥ 1 − δ")
     return _save(fig, out_dir, name)
 
 
@@ -617,8 +617,8 @@ class _quiet:
 # --------------------------------------------------------------------------- 6. the demo
 def plot_demo(results, out_dir) -> list[Path]:
     """Figures 1–5 for the demo results dict (``hessian_tools.demo.run_demo``): sharpness curves,
-    eigenvalue density, noise stability, the trace/λmax bars and the bound vs the trace. The density and stability figures
-    are skipped when no run's analysis holds that result (the analysis settings left it out)."""
+    eigenvalue density, noise stability, the trace/λmax bars and the bound vs the trace. The density and
+    stability figures are skipped when no run's analysis holds that result (the analysis settings left it out)."""
     results = _plain(results)
     if not isinstance(results, Mapping) or "runs" not in results:
         raise ValueError("results: expected the demo results dict (with a 'runs' list)")

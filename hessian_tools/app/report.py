@@ -71,8 +71,10 @@ def bound_note(bounds: Mapping[str, Mapping], settings) -> str:
     first = as_dict(next(iter(bounds.values())))
     if first.get("kind") == "posterior_certificate":
         prior = prior_label(first, getattr(settings, "prior_epochs", None))
-        return f"optimised posterior, {prior}; each holds w.p. ≥ {1 - first['delta']:.2f}, seed {first['seed']}"
-    return f"isotropic posterior N(W, σ²I); each holds w.p. ≥ {1 - first['delta']:.2f}, seed {first['seed']}"
+        posterior = f"optimised posterior, {prior}"
+    else:
+        posterior = "isotropic posterior N(W, σ²I)"
+    return f"{posterior}; each holds w.p. ≥ {1 - first['delta']:.2f}, seed {first['seed']}"
 
 
 def curve_rows(name: str, points: Sequence[Mapping]) -> list[list[str]]:
@@ -195,8 +197,8 @@ def _certificate(run: Mapping) -> Mapping | None:
     return as_dict(c) if c else None
 
 
-CERTIFICATE_HEADER = ["run", "bound", "posterior train error (MC, ≤ upper)", "KL (nats)", "n", "δ (sample + MC)", "λ",
-                      "posterior test error (95% CI)", "checkpoint test error", "seed", "time (s)"]
+CERTIFICATE_HEADER = ["run", "bound", "posterior train error (MC, ≤ upper)", "KL (nats)", "n", "δ (sample + MC)",
+                      "λ", "posterior test error (95% CI)", "checkpoint test error", "seed", "time (s)"]
 
 
 def certificate_rows(runs: Sequence[Mapping]) -> list[list[str]]:
@@ -213,14 +215,15 @@ def certificate_rows(runs: Sequence[Mapping]) -> list[list[str]]:
         if checkpoint_error is None:
             checkpoint_error = 1.0 - as_dict(run["analysis"])["test_acc"]
         wall = c.get("wall_time_s")
-        rows.append([run["name"], fmt(c["bound"]), f"{fmt(c['mc_error'])} (≤ {fmt(c['mc_upper'])})", fmt(c["kl"]),
-                     str(c["n"]), f"{fmt(c['delta_bound'], 2)} + {fmt(c['delta_mc'], 2)}",
-                     ", ".join(fmt(x, 3) for x in lambdas), posterior, fmt(checkpoint_error), str(c.get("seed", "")),
-                     f"{wall:.1f}" if wall is not None else "–"])
+        rows.append([run["name"], fmt(c["bound"]), f"{fmt(c['mc_error'])} (≤ {fmt(c['mc_upper'])})",
+                     fmt(c["kl"]), str(c["n"]), f"{fmt(c['delta_bound'], 2)} + {fmt(c['delta_mc'], 2)}",
+                     ", ".join(fmt(x, 3) for x in lambdas), posterior, fmt(checkpoint_error),
+                     str(c.get("seed", "")), f"{wall:.1f}" if wall is not None else "–"])
     return rows
 
 
-def paired_bound_difference(runs: Sequence[Mapping], method: str, base: str) -> tuple[float, float, int, int] | None:
+def paired_bound_difference(runs: Sequence[Mapping], method: str,
+                            base: str) -> tuple[float, float, int, int] | None:
     """Runs paired by seed: the mean of bound(method) − bound(base) over the seeds both have, the
     half-width of its 95% t-interval over those seeds (0 for one seed), how many seeds ``method`` is
     lower on, and the number of pairs; None without a pair."""
@@ -248,11 +251,12 @@ def _certificate_section(runs: Sequence[Mapping], config: Mapping) -> list[str]:
         what = (f"Optimised diagonal-Gaussian posterior, {prior_label(first, config.get('prior_epochs'))} "
                 f"(n_prior and n per run in its analysis). ")
     else:
-        what = "Isotropic posterior N(W, σ²I) around the checkpoint, pre-trained prior (vacuous on fine-tuned networks). "
+        what = ("Isotropic posterior N(W, σ²I) around the checkpoint, pre-trained prior (vacuous on fine-tuned "
+                "networks). ")
     lines = ["## PAC-Bayes certificates (every run)", "",
-             what + f"Each bound holds with probability ≥ 1 − δ = {1 - first['delta']:.2f} over the bound samples and "
-             "the Monte-Carlo weight draws, for the test error of a network drawn from the posterior; the posterior's "
-             "own test error is measured next to it (Monte-Carlo 95% CI) and must not exceed it.", "",
+             what + f"Each bound holds with probability ≥ 1 − δ = {1 - first['delta']:.2f} over the bound samples "
+             "and the Monte-Carlo weight draws, for the test error of a network drawn from the posterior; the "
+             "posterior's own test error is measured next to it (Monte-Carlo 95% CI) and must not exceed it.", "",
              markdown_table(CERTIFICATE_HEADER, rows), ""]
     pairs = [(m, b) for m in ("nso",) for b in ("sgd", "sam")
              if any(r["method"] == m for r in runs) and any(r["method"] == b for r in runs)]
@@ -263,8 +267,10 @@ def _certificate_section(runs: Sequence[Mapping], config: Mapping) -> list[str]:
             mean, half, lower, count = result
             table.append([f"{method.upper()} − {base.upper()}", pm(mean, half), f"{lower}/{count}"])
     if table:
-        lines += [markdown_table(["bound difference", "paired by seed (95% t-CI)", "seeds NSO lower"], table), "",
-                  "Negative = NSO certifies a lower test error. The interval is over seeds (one certificate per run).", ""]
+        header = ["bound difference", "paired by seed (95% t-CI)", "seeds NSO lower"]
+        lines += [markdown_table(header, table), "",
+                  "Negative = NSO certifies a lower test error. The interval is over seeds (one certificate "
+                  "per run).", ""]
     return lines
 
 
@@ -272,8 +278,8 @@ def _violation_banner(runs: Sequence[Mapping]) -> list[str]:
     violated = violated_certificates(runs)
     if not violated:
         return []
-    return [f"**CERTIFICATE VIOLATED on {', '.join(violated)}: the posterior's measured test error exceeds its bound. "
-            "A bound that fails is a bug (or the δ event); do not trust these bounds.**", ""]
+    return [f"**CERTIFICATE VIOLATED on {', '.join(violated)}: the posterior's measured test error exceeds "
+            "its bound. A bound that fails is a bug (or the δ event); do not trust these bounds.**", ""]
 
 
 MEASUREMENT_NOTES = """\
@@ -284,9 +290,9 @@ MEASUREMENT_NOTES = """\
 - **Density**: stochastic Lanczos quadrature (Ubaru et al. 2017; Ghorbani et al. 2019), Gaussian-smoothed.
 - **Noise stability**: E[f(W+U)] − f(W), U ~ N(0, σ²I), antithetic pairs, next to σ²/2·Tr(H).
 - **PAC-Bayes bound**: a certificate on the test error of a network drawn from a Gaussian posterior
-  Q = N(μ, diag s²), s per parameter tensor, fitted to the bound (Dziugaite & Roy 2017; Pérez-Ortiz et al. 2021),
-  against a prior N(W0, λ²I) with λ from a fixed grid paid by a union bound. With a data-dependent prior, W0 is
-  trained with the run's own recipe on part of the fine-tuning set and the bound uses only the rest (n); μ is
-  optimised from W0. The training error of Q is estimated from Monte-Carlo draws and bounded by kl inversion,
-  then the Seeger/Maurer bound gives the certificate; it holds with probability ≥ 1 − δ. It certifies Q, not the
-  checkpoint itself. The Hessian *measures* are not certificates."""
+  Q = N(μ, diag s²), s per parameter tensor, fitted to the bound (Dziugaite & Roy 2017; Pérez-Ortiz et al.
+  2021), against a prior N(W0, λ²I) with λ from a fixed grid paid by a union bound. With a data-dependent
+  prior, W0 is trained with the run's own recipe on part of the fine-tuning set and the bound uses only the
+  rest (n); μ is optimised from W0. The training error of Q is estimated from Monte-Carlo draws and bounded
+  by kl inversion, then the Seeger/Maurer bound gives the certificate; it holds with probability ≥ 1 − δ.
+  It certifies Q, not the checkpoint itself. The Hessian *measures* are not certificates."""

@@ -391,7 +391,8 @@ def recipe_trainer(run_dir: str | Path, epochs: int) -> Callable[[tuple, Mapping
     on (X, y) only, from the weights ``start`` (the run's init.pt when the certificate calls it), and
     returns the trained state_dict. Seeded as a run is: the same call gives the same weights."""
     meta, _ = load_run(run_dir)
-    config = dataclasses.replace(TrainConfig.from_dict(meta["config"]), epochs=check_integer("prior_epochs", epochs))
+    epochs = check_integer("prior_epochs", epochs)
+    config = dataclasses.replace(TrainConfig.from_dict(meta["config"]), epochs=epochs)
 
     def trainer(part: tuple, start_state: Mapping) -> dict:
         X, y = part
@@ -404,7 +405,8 @@ def recipe_trainer(run_dir: str | Path, epochs: int) -> Callable[[tuple, Mapping
             for epoch in range(1, config.epochs + 1):
                 _epoch_steps(model, optimizer, config, X, y, data_gen, epoch)
         except Diverged as exc:
-            raise NonFiniteError(f"training the prior: the loss became {exc.value} at epoch {epoch}") from None
+            raise NonFiniteError(f"training the prior: the loss became {exc.value} at epoch {epoch}; "
+                                 f"try a smaller lr (now {config.lr})") from None
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     return trainer
