@@ -214,6 +214,22 @@ def test_bound_prior_split_too_large_for_the_data_is_one_line(run_dir):
     assert_one_line_error(proc, 1, "n ≥")
 
 
+def test_compare_with_bounds_adds_each_checkpoints_certificate(run_dir, tmp_path):
+    other = tmp_path / "mlp-nso"
+    run("train", "--model", "mlp", "--data", "builtin:synthetic", "--epochs", "2", "--lr", "0.1", "--method", "nso",
+        "--sigma", "0.05", "--out", str(other), "--quiet")
+    out = tmp_path / "c.json"
+    proc = run("compare", str(run_dir), str(other), "--bound", "--prior-split", "0.5", "--prior-epochs", "2",
+               "--steps", "30", "--samples", "100", "--max-hvps", "60", "--json", str(out), "--quiet")
+    assert "bound (or difference)" in proc.stdout and "data-dependent prior: trained on 50%" in proc.stdout
+    data = json.loads(out.read_text())
+    bounds = {name: c["bound"] for name, c in data["certificates"].items()}
+    assert len(bounds) == 2 and all(0 < b < 1 for b in bounds.values())
+    pair = next(line for line in proc.stdout.splitlines() if line.startswith("mlp-nso/final.pt − "))
+    assert f"{bounds['mlp-nso/final.pt'] - bounds['mlp-sgd/final.pt']:+.4f}" in pair
+    assert data["comparison"]["kind"] == "comparison"
+
+
 def test_analyze_diag_matches_the_exact_diagonal(run_dir, tmp_path):
     """``analyze --what diag`` against diag(∇²) by torch.func.hessian: with fewer HVPs than parameters
     each block's Σ H_ii lies within 4 of its standard errors; with max_hvps ≥ dim XDiag is exact."""
