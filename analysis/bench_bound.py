@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import sys
@@ -30,14 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from hessian_tools.bounds import fold_batchnorm, optimised_certificate  # noqa: E402
 from hessian_tools.app.checkpoints import load_state_dict  # noqa: E402
 from hessian_tools.app.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from hessian_tools.app.runs import TrainConfig, build_run_model, learning_rate, train  # noqa: E402
-from hessian_tools.app.zoo.data import batches, load_data  # noqa: E402
-from hessian_tools.optim import make_optimizer  # noqa: E402
+from hessian_tools.app.runs import TrainConfig, build_run_model, recipe_trainer, train  # noqa: E402
+from hessian_tools.app.zoo.data import load_data  # noqa: E402
 from hessian_tools.estimators.probes import gaussian_rows  # noqa: E402
 from hessian_tools.seeding import seeded_generator  # noqa: E402
 from hessian_tools.stability import PerturbedEvaluator  # noqa: E402
@@ -130,45 +127,6 @@ def finetune(cache: Path, pre: Path, method: str, seed: int, recipe: dict) -> Pa
         cache / name / f"{method}-s{seed}",
         resume=True,
     )
-
-
-def recipe_trainer(run_dir: Path, epochs: int):
-    """Train the prior on the prior part with the run's own method and schedule, from its init.pt."""
-    cfg = TrainConfig.from_dict(read_json(run_dir / "run.json")["config"])
-
-    def trainer(part, start_state):
-        X, y = part
-        model = build_run_model(run_dir, "init.pt")
-        model.load_state_dict(start_state)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        optimizer = make_optimizer(
-            cfg.method,
-            model.parameters(),
-            model=model,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            generator=generator,
-            sigma=cfg.sigma,
-            k=cfg.k,
-            rho=cfg.rho,
-        )
-        per_epoch = math.ceil(y.shape[0] / cfg.batch_size)
-        model.train()
-        for epoch in range(epochs):
-            for step, (xb, yb) in enumerate(batches(X, y, cfg.batch_size, generator=generator)):
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, epoch * per_epoch + step, epochs * per_epoch)
-
-                def closure(xb=xb, yb=yb):
-                    optimizer.zero_grad()
-                    loss = F.cross_entropy(model(xb), yb)
-                    loss.backward()
-                    return loss
-
-                optimizer.step(closure)
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    return trainer
 
 
 def run_cell(cache: Path, pre: Path, setting: str, method: str, seed: int, quick: bool) -> dict:

@@ -25,9 +25,9 @@ Row = list[str]
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """One analysis: ``compute(context)`` returns its result parts (``{part: Result}``); ``rows(parts)``
-    turns those parts (in their JSON dict form) into report rows (quantity, value ± 95%, error bar /
-    notes, HVPs, seed). ``needs`` are analyses whose parts it reads (computed first, reported only if
-    asked for)."""
+    turns those parts (in their JSON dict form; the whole analysis dict, so its ``settings`` too) into
+    report rows (quantity, value ± 95%, error bar / notes, HVPs, seed). ``needs`` are analyses whose
+    parts it reads (computed first, reported only if asked for); ``default`` False: only on request."""
 
     name: str
     parts: tuple[str, ...]
@@ -35,6 +35,7 @@ class Analysis:
     compute: Callable[[Any], dict[str, Result | None]]
     rows: Callable[[Mapping[str, Any]], list[Row]]
     needs: tuple[str, ...] = ()
+    default: bool = True  # run when no ``--what`` is given
 
 
 # --------------------------------------------------------------------------- compute
@@ -71,18 +72,67 @@ def _stability(ctx) -> dict:
                                          n_samples=s.stability_samples, seed=s.seed, params=s.params)}
 
 
+#: the posteriors of the PAC-Bayes certificate, and their default Monte-Carlo weight draws
+POSTERIORS = ("optimised", "isotropic")
+DEFAULT_CERTIFICATE_SAMPLES = {"optimised": 1000, "isotropic": 20}
+
+
 def _bound(ctx) -> dict:
-    from ..bounds.certificate import pac_bayes_certificate
     from ..bounds.measures import hessian_measures
 
     if ctx.prior_state is None:
         return {"certificate": None, "measures": None}
     s, op = ctx.settings, ctx.operator
-    certificate = pac_bayes_certificate(ctx.model, ctx.train_batches, ctx.prior_state, sigmas=s.certificate_sigmas,
-                                        n_mc=s.certificate_samples, delta=s.delta, seed=s.seed, params=s.params)
+    result = certificate(ctx)
     measures = hessian_measures(op, _flat_prior(op, ctx.prior_state), n=op.num_samples, trace_result=ctx.parts["trace"],
                                 seed=s.seed)
-    return {"certificate": certificate, "measures": measures}
+    return {"certificate": result, "measures": measures}
+
+
+def certificate(ctx) -> Result:
+    """The PAC-Bayes certificate of ``ctx.model`` with the posterior ``ctx.settings.posterior``."""
+    return _optimised(ctx) if ctx.settings.posterior == "optimised" else _isotropic(ctx)
+
+
+def _samples(settings) -> int:
+    chosen = settings.certificate_samples
+    return DEFAULT_CERTIFICATE_SAMPLES[settings.posterior] if chosen is None else chosen
+
+
+def _isotropic(ctx):
+    from ..bounds.certificate import pac_bayes_certificate
+
+    s = ctx.settings
+    return pac_bayes_certificate(ctx.model, ctx.train_batches, ctx.prior_state, sigmas=s.certificate_sigmas,
+                                 n_mc=_samples(s), delta=s.delta, seed=s.seed, params=s.params)
+
+
+def _optimised(ctx):
+    """The optimised diagonal-Gaussian posterior. With a data-dependent prior (``prior_split``) its mean
+    is optimised too, starting from the prior: the setting that certifies fine-tuned networks
+    (analysis/bench_bound.py); with the pre-trained prior the mean stays at the checkpoint."""
+    from ..bounds.posterior import optimised_certificate
+
+    s = ctx.settings
+    data_dependent = s.prior_split is not None
+    if data_dependent and ctx.prior_trainer is None:
+        raise ValueError("a data-dependent prior (--prior-split) is trained with the checkpoint's own "
+                         "recipe: point the command at a run folder (its run.json holds the recipe)")
+    if s.params is not None:
+        raise ValueError("the optimised certificate covers every parameter; drop --params "
+                         "(or use --posterior isotropic)")
+    return optimised_certificate(ctx.model, ctx.bundle.train, ctx.prior_state, test_data=ctx.bundle.test, delta=s.delta,
+                                 steps=s.certificate_steps, n_mc=_samples(s), n_mc_test=s.certificate_test_samples,
+                                 optimise_mean=data_dependent, mean_start="prior" if data_dependent else "checkpoint",
+                                 prior_split=s.prior_split, prior_trainer=ctx.prior_trainer if data_dependent else None,
+                                 seed=s.seed)
+
+
+def _diagonal(ctx) -> dict:
+    from ..estimators.diagonal import diagonal
+
+    s = ctx.settings
+    return {"diagonal": diagonal(ctx.operator, method=s.diag_method, max_hvps=s.diag_max_hvps, seed=s.seed)}
 
 
 def _flat_prior(op, prior_state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -143,12 +193,18 @@ MEASURE_LABELS = (("second_order", "measure: 2nd-order bound"),
 
 
 def bound_rows(parts: Mapping) -> list[Row]:
+    """The certificate's parts (bound, posterior train error by Monte Carlo with its upper confidence
+    value, KL, n, δ, λ, posterior vs checkpoint test error, wall time), then the Hessian measures."""
     rows = []
     c = parts.get("certificate")
-    if c:
+    if c and c.get("kind") == "posterior_certificate":
+        rows += posterior_certificate_rows(c, parts.get("settings", {}).get("prior_epochs"))
+    elif c:
         rows.append(["PAC-Bayes bound (test error)", fmt(c.get("bound")),
-                     f"holds w.p. ≥ {1 - c.get('delta', float('nan')):.2f}; σ={fmt(c.get('sigma'), 2)}, "
-                     f"KL={fmt(c.get('kl'))}, MC error {fmt(c.get('mc_error'))} ({c.get('n_mc', '')} draws)",
+                     f"holds w.p. ≥ {1 - c.get('delta', float('nan')):.2f}; isotropic posterior "
+                     f"N(W, σ²I), σ={fmt(c.get('sigma'), 2)}, KL={fmt(c.get('kl'))}, MC error "
+                     f"{fmt(c.get('mc_error'))} ({c.get('n_mc', '')} draws); vacuous on fine-tuned networks: "
+                     "use the optimised posterior",
                      "", str(c.get("seed", ""))])
     m = parts.get("measures")
     if m:
@@ -156,6 +212,67 @@ def bound_rows(parts: Mapping) -> list[Row]:
             if m.get(key) is not None:
                 rows.append([label, fmt(m[key]), "a measure, not a certificate", str(m.get("hvps", "")),
                              str(m.get("seed", ""))])
+    return rows
+
+
+def prior_label(c: Mapping, prior_epochs: int | None = None) -> str:
+    """Which prior the certificate used and which samples it is on, in words."""
+    if c.get("prior") == "data-dependent":
+        share = c["prior_split"]
+        plural = "s" if prior_epochs != 1 else ""
+        epochs = f", {prior_epochs} epoch{plural} of the run's recipe" if prior_epochs else ""
+        return (f"data-dependent prior: trained on {100 * share:.0f}% of the training set "
+                f"(n_prior={c['n_prior']}{epochs}); bound on the other {100 * (1 - share):.0f}%, n={c['n']}")
+    return f"pre-trained prior (the fine-tuning start); bound on the training set, n={c['n']}"
+
+
+def certificate_violated(c: Mapping) -> bool:
+    """True when the measured test error of the posterior exceeds its bound: a failed certificate
+    (probability ≤ δ if everything is right, so in practice a bug)."""
+    measured = c.get("posterior_test_error")
+    return measured is not None and c.get("bound") is not None and measured > c["bound"]
+
+
+def posterior_certificate_rows(c: Mapping, prior_epochs: int | None = None) -> list[Row]:
+    seed = str(c.get("seed", ""))
+    mean = "optimised mean μ (from the prior)" if c.get("optimise_mean") else "mean at the checkpoint"
+    lambdas = ", ".join(fmt(x, 3) for x in c["lambdas"])
+    rows = [
+        ["PAC-Bayes bound (test error of Q)", fmt(c["bound"]),
+         f"holds w.p. ≥ {1 - c['delta']:.2f} (δ = {fmt(c['delta_bound'], 2)} sample + "
+         f"{fmt(c['delta_mc'], 2)} MC); " + prior_label(c, prior_epochs), "", seed],
+        ["posterior train error (MC)", f"{fmt(c['mc_error'])} (≤ {fmt(c['mc_upper'])})",
+         f"{c['n_mc']} weight draws on the n={c['n']} bound samples; upper = kl⁻¹ at δ_mc", "", seed],
+        ["KL(Q‖P)", fmt(c["kl"]),
+         f"nats; λ = {lambdas} (+{fmt(c['grid_cost'], 3)} nats for the grid); posterior N(μ, diag s²), "
+         f"s per {c['variance']}, {mean}", "", seed],
+    ]
+    if c.get("posterior_test_error") is not None:
+        mean_error = "" if c.get("mean_test_error") is None else f"; network μ {fmt(c['mean_test_error'])}"
+        measured = pm(c["posterior_test_error"], Z95 * c["posterior_test_stderr"])
+        rows.append(["posterior test error vs checkpoint", f"{measured} vs {fmt(c['test_error'])}",
+                     f"95% CI over {c['n_mc_test']} draws, n_test={c['n_test']}{mean_error}", "", seed])
+    rows.append(["certificate wall time", f"{c['wall_time_s']:.1f} s",
+                 f"{c['steps']} optimisation steps, {c['evaluations']} data passes", "", seed])
+    if certificate_violated(c):
+        rows.append(["CERTIFICATE VIOLATED",
+                     f"bound {fmt(c['bound'])} < measured {fmt(c['posterior_test_error'])}",
+                     "the posterior's test error exceeds its bound: a bug, or the δ event", "", seed])
+    return rows
+
+
+def diagonal_rows(parts: Mapping) -> list[Row]:
+    """Per parameter block: Σ_i H_ii ± 95% CI, mean |d̂_i|, the range of d̂_i and the RMS per-coordinate
+    standard error; then the total (the trace the same probes give)."""
+    d = parts.get("diagonal")
+    if not d:
+        return []
+    rows = [[f"diag(H) {b['name']} ({b['size']})", pm(b["sum"], Z95 * b["sum_stderr"]),
+             f"Σ H_ii, 95% CI; mean |d̂| {fmt(b['mean_abs'], 3)}, range [{fmt(b['min'], 3)}, "
+             f"{fmt(b['max'], 3)}], RMS stderr {fmt(b['rms_stderr'], 2)}", "", str(d["seed"])] for b in d["blocks"]]
+    rows.append(["diag(H) total (= trace)", pm(d["trace"], Z95 * d["trace_stderr"]),
+                 f"95% CI, {d['method']}, {d['n_probes']} probes, sketch {d['sketch']}", str(d["hvps"]),
+                 str(d["seed"])])
     return rows
 
 
@@ -168,11 +285,15 @@ REGISTRY: dict[str, Analysis] = {
         Analysis("stability", ("stability",), "noise stability", _stability, stability_rows, needs=("trace",)),
         Analysis("bound", ("certificate", "measures"), "PAC-Bayes certificate and Hessian measures", _bound,
                  bound_rows, needs=("trace",)),
+        Analysis("diag", ("diagonal",), "Hessian diagonal", _diagonal, diagonal_rows, default=False),
     )
 }
 
 #: the ``--what`` names, in the order analyses run and are reported
 ANALYSES = tuple(REGISTRY)
+
+#: what runs when no ``--what`` is given
+DEFAULT_ANALYSES = tuple(name for name, analysis in REGISTRY.items() if analysis.default)
 
 #: every result part a checkpoint analysis can hold
 PARTS = tuple(part for analysis in REGISTRY.values() for part in analysis.parts)

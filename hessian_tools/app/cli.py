@@ -17,7 +17,8 @@ from .. import __version__
 from ..estimators.paired import PAIRED_METHODS
 from ..estimators.trace import METHODS as TRACE_METHODS
 from ..optim import BASES, METHODS
-from .analyses import ANALYSES
+from ..estimators.diagonal import METHODS as DIAGONAL_METHODS
+from .analyses import ANALYSES, DEFAULT_ANALYSES, POSTERIORS
 from .experiments.matrix_sensing import METHODS as SENSING_METHODS
 from .experiments.matrix_sensing import OBJECTIVES as SENSING_OBJECTIVES
 from .pipeline import AnalysisSettings
@@ -32,11 +33,13 @@ EPILOG_ANALYZE = """examples:
   hessian-tools analyze model.pt --model mypkg.nets:make_net --data mypkg.data:load --json out.json"""
 EPILOG_COMPARE = """examples:
   hessian-tools compare runs/sgd-s0 runs/nso-s0           # paired CI of the trace difference
-  hessian-tools compare a.pt b.pt --model cnn --data builtin:digits --max-hvps 400"""
+  hessian-tools compare a.pt b.pt --model cnn --data builtin:digits --max-hvps 400
+  hessian-tools compare runs/sgd-s0 runs/nso-s0 --bound --prior-split 0.5   # and each one's bound"""
 EPILOG_CURVE = """examples:
   hessian-tools curve runs/sgd-s0 runs/nso-s0 --every 2 --out figures"""
 EPILOG_BOUND = """examples:
-  hessian-tools bound runs/nso-s0 --delta 0.05
+  hessian-tools bound runs/nso-s0 --prior-split 0.5          # data-dependent prior: the run's recipe on 50%
+  hessian-tools bound runs/nso-s0 --delta 0.05               # the pre-trained prior (the run's init.pt)
   hessian-tools bound model.pt --model cnn --data builtin:digits --prior init.pt"""
 EPILOG_MATRIX = """examples:
   hessian-tools matrix-sensing --seeds 0 1 2 --out figures     # the paper's setting (d=100, r=5, 5,000 steps)
@@ -104,11 +107,14 @@ def _add_analyze(sub) -> None:
     p = _command(sub, "analyze", "trace, eigenvalues, density, stability and bounds of one checkpoint", EPILOG_ANALYZE)
     p.add_argument("checkpoint", help="a state_dict file or a run folder")
     _model_data(p)
-    p.add_argument("--what", default=",".join(ANALYSES), help=f"comma-separated subset of {','.join(ANALYSES)}")
-    p.add_argument("--prior", help="prior/initial weights for the bound (a run folder's init.pt by default)")
+    p.add_argument("--what", default=",".join(DEFAULT_ANALYSES),
+                   help=f"comma-separated subset of {','.join(ANALYSES)} (default %(default)s)")
     p.add_argument("--rtol", type=float, default=0.02, help="trace: stop at 95%% half-width ≤ rtol·|trace| (default 0.02)")
     _hvp_budget(p, 600, "HVP budget per estimator")
     p.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchpp")
+    p.add_argument("--diag-method", choices=DIAGONAL_METHODS, default="xdiag",
+                   help="diag: the Hessian-diagonal estimator (default xdiag; budget --max-hvps)")
+    _certificate_options(p)
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_analyze)
@@ -120,6 +126,9 @@ def _add_compare(sub) -> None:
     _model_data(p)
     _hvp_budget(p, 300, "HVPs per checkpoint (fixed, the same for all)")
     p.add_argument("--trace-method", choices=PAIRED_METHODS, default="hutchpp")
+    p.add_argument("--bound", action="store_true",
+                   help="also certify each checkpoint (PAC-Bayes bound columns)")
+    _certificate_options(p)
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_compare)
@@ -143,13 +152,31 @@ def _add_bound(sub) -> None:
     p = _command(sub, "bound", "PAC-Bayes certificate and Hessian measures of a checkpoint", EPILOG_BOUND)
     p.add_argument("checkpoint", help="a state_dict file or a run folder")
     _model_data(p)
-    p.add_argument("--prior", help="prior/initial weights (a run folder's init.pt by default)")
-    p.add_argument("--delta", type=float, default=0.05, help="the bound holds with probability ≥ 1 − delta")
-    p.add_argument("--samples", type=int, default=20, help="Monte-Carlo weight draws (default 20)")
-    p.add_argument("--sigmas", default=",".join(map(str, AnalysisSettings().certificate_sigmas)),
-                   help="posterior σ grid, paid for by a union bound (default %(default)s)")
+    _certificate_options(p)
     _common(p)
     p.set_defaults(func=cmd_bound)
+
+
+def _certificate_options(p: argparse.ArgumentParser) -> None:
+    defaults = AnalysisSettings()
+    p.add_argument("--prior", help="prior/initial weights (a run folder's init.pt by default)")
+    p.add_argument("--posterior", choices=POSTERIORS, default="optimised",
+                   help="optimised: a diagonal Gaussian fitted to the bound (default); isotropic: "
+                        "N(W, σ²I) on the --sigmas grid (vacuous on fine-tuned networks)")
+    p.add_argument("--prior-split", type=float, metavar="FRACTION",
+                   help="data-dependent prior: train it with the run's own recipe on this fraction of "
+                        "the training set (from the run's init weights) and bound on the rest; needs a "
+                        "run folder")
+    p.add_argument("--prior-epochs", type=int, default=defaults.prior_epochs,
+                   help="epochs of the prior's training (default %(default)s)")
+    p.add_argument("--delta", type=float, default=defaults.delta,
+                   help="the bound holds with probability ≥ 1 − delta")
+    p.add_argument("--samples", type=int,
+                   help="Monte-Carlo weight draws (default 1000 optimised, 20 isotropic)")
+    p.add_argument("--steps", type=int, default=defaults.certificate_steps,
+                   help="optimisation steps of the optimised posterior (default %(default)s)")
+    p.add_argument("--sigmas", default=",".join(map(str, defaults.certificate_sigmas)),
+                   help="isotropic posterior: the σ grid, paid for by a union bound (default %(default)s)")
 
 
 def _add_train(sub) -> None:
@@ -245,10 +272,46 @@ def _emit_json(target: str | None, obj) -> None:
 def _settings(args, what):
     from .pipeline import AnalysisSettings
 
+    certificate = {}
+    if hasattr(args, "posterior"):
+        _check_certificate_options(args)
+        certificate = {"posterior": args.posterior, "prior_split": args.prior_split,
+                       "prior_epochs": args.prior_epochs, "delta": args.delta,
+                       "certificate_samples": args.samples, "certificate_steps": args.steps,
+                       "certificate_sigmas": _floats(args.sigmas, "--sigmas")}
+    max_hvps = getattr(args, "max_hvps", 600)
     return AnalysisSettings(what=tuple(what), params=args.params, batch_size=args.batch_size, seed=args.seed,
                             trace_method=getattr(args, "trace_method", "hutchpp"), trace_rtol=getattr(args, "rtol", 0.02),
-                            trace_max_hvps=getattr(args, "max_hvps", 600), eig_max_hvps=getattr(args, "max_hvps", 600),
-                            dtype=args.dtype, device=args.device, distributed=getattr(args, "distributed", False))
+                            trace_max_hvps=max_hvps, eig_max_hvps=max_hvps, diag_max_hvps=max_hvps,
+                            diag_method=getattr(args, "diag_method", "xdiag"), dtype=args.dtype, device=args.device,
+                            distributed=getattr(args, "distributed", False), **certificate)
+
+
+def _check_certificate_options(args) -> None:
+    if args.prior_split is not None and not 0 < args.prior_split < 1:
+        raise UsageError(f"--prior-split must be a fraction strictly between 0 and 1, "
+                         f"got {args.prior_split:g}")
+    if args.prior_split is not None and args.posterior != "optimised":
+        raise UsageError("--prior-split needs --posterior optimised")
+    if not 0 < args.delta < 1:
+        raise UsageError(f"--delta must be strictly between 0 and 1, got {args.delta:g}")
+    counts = (("--samples", args.samples), ("--steps", args.steps), ("--prior-epochs", args.prior_epochs))
+    for option, value in counts:
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be ≥ 1, got {value}")
+
+
+def _prior_trainer(args, target: str):
+    """The data-dependent prior's trainer: the run folder's own recipe (None without --prior-split)."""
+    if getattr(args, "prior_split", None) is None:
+        return None
+    if not Path(target).is_dir():
+        raise UsageError(f"--prior-split trains the prior with the checkpoint's own training recipe, "
+                         f"which the file {target} lacks: point the command at a run folder from "
+                         "`hessian-tools train`")
+    from .runs import recipe_trainer
+
+    return recipe_trainer(target, args.prior_epochs)
 
 
 def _resolve(args, target: str, prior: str | None = None):
@@ -310,19 +373,21 @@ def cmd_demo(args) -> int:
 
 def cmd_analyze(args) -> int:
     what = _parse_what(args.what)
+    settings = _settings(args, what)
+    trainer = _prior_trainer(args, args.checkpoint) if "bound" in what else None
     loaded = _resolve(args, args.checkpoint, args.prior)
     if "bound" in what and loaded.prior is None:
         print("note: no prior weights (--prior), so no PAC-Bayes bound", file=sys.stderr)
-    return _analyze_and_print(args, loaded, _settings(args, what))
+    return _analyze_and_print(args, loaded, settings, trainer)
 
 
-def _analyze_and_print(args, loaded, settings) -> int:
+def _analyze_and_print(args, loaded, settings, prior_trainer=None) -> int:
     from .pipeline import analyze_model
     from .report import analysis_text
 
     with Progress(args.quiet) as progress:
         result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name,
-                               progress=progress)
+                               prior_trainer=prior_trainer, progress=progress)
     print(analysis_text(result))
     _emit_json(args.json, result)
     return 0
@@ -331,22 +396,39 @@ def _analyze_and_print(args, loaded, settings) -> int:
 def cmd_compare(args) -> int:
     from ..estimators.paired import paired_traces
     from .pipeline import make_operator
-    from .report import COMPARISON_HEADER, comparison_rows, text_table
+    from .report import bound_note, comparison_header, comparison_rows, text_table
 
     if len(args.checkpoints) < 2:
         raise UsageError("compare needs at least two checkpoints")
     settings = _settings(args, ["trace"])
-    operators = {}
+    operators, loaded_by_name = {}, {}
     for target in args.checkpoints:
-        loaded = _resolve(args, target)
+        trainer = _prior_trainer(args, target) if args.bound else None
+        loaded = _resolve(args, target, args.prior)
+        if args.bound:
+            _require_prior(loaded)
         name = loaded.name if loaded.name not in operators else f"{loaded.name}#{len(operators)}"
         operators[name] = make_operator(loaded.model, loaded.data, settings)
+        loaded_by_name[name] = (loaded, trainer)
     with Progress(args.quiet) as progress:
         result = paired_traces(operators, method=args.trace_method, max_hvps=args.max_hvps, seed=args.seed, progress=progress)
-    print(text_table(COMPARISON_HEADER, comparison_rows(result)))
+        bounds = _certify_all(loaded_by_name, settings, progress) if args.bound else None
+    print(text_table(comparison_header(bounds is not None), comparison_rows(result, bounds)))
     print(f"\nsame probes for every checkpoint (seed {args.seed}, {args.max_hvps} HVPs each, {args.trace_method})")
-    _emit_json(args.json, result)
+    if bounds:
+        print(f"bounds: {bound_note(bounds, settings)}")
+    _emit_json(args.json, {"comparison": result, "certificates": bounds} if bounds is not None else result)
     return 0
+
+
+def _certify_all(loaded_by_name: dict, settings, progress) -> dict:
+    from .pipeline import certify
+
+    out = {}
+    for name, (loaded, trainer) in loaded_by_name.items():
+        progress(f"certifying {name}")
+        out[name] = certify(loaded.model, loaded.data, settings, loaded.prior, trainer)
+    return out
 
 
 def cmd_curve(args) -> int:
@@ -368,13 +450,16 @@ def cmd_curve(args) -> int:
 
 
 def cmd_bound(args) -> int:
-    sigmas = _floats(args.sigmas, "--sigmas")
+    settings = _settings(args, ["bound"])
+    trainer = _prior_trainer(args, args.checkpoint)
     loaded = _resolve(args, args.checkpoint, args.prior)
+    _require_prior(loaded)
+    return _analyze_and_print(args, loaded, settings, trainer)
+
+
+def _require_prior(loaded) -> None:
     if loaded.prior is None:
         raise UsageError("a bound needs the prior (initial) weights: pass --prior FILE (run folders use their init.pt)")
-    settings = dataclasses.replace(_settings(args, ["bound"]), delta=args.delta, certificate_sigmas=sigmas,
-                                   certificate_samples=args.samples)
-    return _analyze_and_print(args, loaded, settings)
 
 
 def cmd_train(args) -> int:

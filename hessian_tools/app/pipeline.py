@@ -13,10 +13,10 @@ from typing import Callable, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_choice
+from ..checks import check_choice, check_integer, check_open_unit_interval
 from ..operators import HessianOperator
 from ..results import Result, _from_jsonable
-from .analyses import ANALYSES, PARTS, plan
+from .analyses import DEFAULT_ANALYSES, PARTS, POSTERIORS, certificate, plan
 from .evaluation import evaluate
 from .zoo.data import DataBundle, batches
 
@@ -26,7 +26,7 @@ DTYPES = ("float32", "float64")
 class AnalysisSettings:
     """What to compute and how hard to try. The defaults suit models up to ~10⁵ parameters."""
 
-    what: tuple = ANALYSES
+    what: tuple = DEFAULT_ANALYSES
     params: str | None = None  # regex over parameter names; None = all trainable
     batch_size: int = 512
     seed: int = 0
@@ -40,16 +40,40 @@ class AnalysisSettings:
     density_steps: int = 40
     sigmas: tuple = (1e-3, 1e-2, 3e-2, 1e-1)
     stability_samples: int = 32
+    # the PAC-Bayes certificate ("bound"): "optimised" (a diagonal Gaussian posterior fitted to the bound)
+    # or "isotropic" (N(W, σ²I) on the σ grid ``certificate_sigmas``: vacuous on fine-tuned networks)
+    posterior: str = "optimised"
     delta: float = 0.05
     certificate_sigmas: tuple = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-    certificate_samples: int = 20
+    certificate_samples: int | None = None  # Monte-Carlo weight draws; None: 1000 optimised, 20 isotropic
+    certificate_steps: int = 600  # optimisation steps of the optimised posterior
+    certificate_test_samples: int = 200  # draws for the posterior's test error (optimised posterior)
+    # data-dependent prior: trained with the run's recipe on this fraction of the training set for
+    # ``prior_epochs`` epochs; the bound is then on the rest. None: the pre-trained prior (init weights)
+    prior_split: float | None = None
+    prior_epochs: int = 20
+    diag_method: str = "xdiag"
+    diag_max_hvps: int = 200
     dtype: str = "float32"
     device: str = "cpu"
     distributed: bool = False  # shard the data over the torch.distributed ranks (torchrun)
 
     def __post_init__(self):
+        from ..estimators.diagonal import METHODS as DIAGONAL_METHODS
+
         plan(self.what)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("posterior", self.posterior, POSTERIORS)
+        check_choice("diag_method", self.diag_method, DIAGONAL_METHODS)
+        check_open_unit_interval("delta", self.delta)
+        check_integer("prior_epochs", self.prior_epochs)
+        check_integer("certificate_steps", self.certificate_steps)
+        if self.certificate_samples is not None:
+            check_integer("certificate_samples", self.certificate_samples)
+        if self.prior_split is not None:
+            check_open_unit_interval("prior_split", self.prior_split)
+            if self.posterior != "optimised":
+                raise ValueError("a data-dependent prior (prior_split) needs the optimised posterior")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +83,7 @@ class CheckpointAnalysis(Result):
     ``train_loss``/``train_acc``/``test_acc`` are exact (full passes, eval mode). ``hvps`` is the
     total number of Hessian-vector products spent on this checkpoint. ``parts`` holds the results of
     the analyses run, by part name (``trace``, ``top``, ``bottom``, ``density``, ``stability``,
-    ``certificate``, ``measures``; see :mod:`hessian_tools.app.analyses`); each is also readable as
+    ``certificate``, ``measures``, ``diagonal``; see :mod:`hessian_tools.app.analyses`); each is also readable as
     an attribute (``analysis.trace``, None when not computed) and sits at the top level of the JSON
     form, as in files written by earlier versions.
     """
@@ -132,6 +156,7 @@ class AnalysisContext:
     operator: HessianOperator
     prior_state: Mapping[str, torch.Tensor] | None
     loss_fn: Callable = cross_entropy
+    prior_trainer: Callable | None = None  # (prior part, start weights) → state_dict: runs.recipe_trainer
     parts: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -146,6 +171,7 @@ def analyze_model(
     settings: AnalysisSettings = AnalysisSettings(),
     *,
     prior_state: Mapping[str, torch.Tensor] | None = None,
+    prior_trainer: Callable | None = None,
     name: str = "checkpoint",
     progress: Callable[[str], None] | None = None,
 ) -> CheckpointAnalysis:
@@ -153,7 +179,9 @@ def analyze_model(
     over ``bundle``.
 
     ``prior_state`` (the initial / pre-trained weights) is needed for the PAC-Bayes certificate
-    and the Hessian measures; without it ``"bound"`` yields no parts.
+    and the Hessian measures; without it ``"bound"`` yields no parts. ``prior_trainer`` trains a
+    data-dependent prior when ``settings.prior_split`` is set
+    (:func:`~hessian_tools.app.runs.recipe_trainer`).
     """
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
@@ -161,7 +189,7 @@ def analyze_model(
     op = make_operator(model, bundle, settings)
     train_loss, train_acc = evaluate(model, *bundle.train)
     test_loss, test_acc = evaluate(model, *bundle.test)
-    context = AnalysisContext(model, bundle, settings, op, prior_state)
+    context = AnalysisContext(model, bundle, settings, op, prior_state, prior_trainer=prior_trainer)
     timings: dict = {}
     for analysis in plan(settings.what):
         say(analysis.progress)
@@ -174,3 +202,16 @@ def analyze_model(
         hvps=op.hvps, wall_time_s=time.perf_counter() - start, parts=dict(context.parts),
         settings=dataclasses.asdict(settings), timings=timings,
     )
+
+
+def certify(
+    model: torch.nn.Module,
+    bundle: DataBundle,
+    settings: AnalysisSettings,
+    prior_state: Mapping[str, torch.Tensor],
+    prior_trainer: Callable | None = None,
+) -> Result:
+    """The PAC-Bayes certificate of ``model`` alone, as the ``bound`` analysis computes it (no Hessian):
+    what ``compare --bound`` adds to each checkpoint."""
+    model.eval()
+    return certificate(AnalysisContext(model, bundle, settings, None, prior_state, prior_trainer=prior_trainer))

@@ -33,7 +33,7 @@ from .io import atomic_write_bytes
 __all__ = [
     "METHOD_COLORS", "METHOD_LABELS", "DPI", "DENSITY_FLOOR", "method_color", "method_label",
     "plot_sharpness_curves", "plot_density", "plot_stability", "plot_trace_lambda_bars",
-    "plot_matrix_sensing", "plot_demo",
+    "plot_matrix_sensing", "plot_bound_vs_trace", "plot_demo",
 ]
 
 #: One colour per method, shared by every figure of the package.
@@ -507,6 +507,45 @@ def plot_trace_lambda_bars(runs, out_dir, name: str = "trace_lambda_bars") -> li
     return _save(fig, out_dir, name)
 
 
+# --------------------------------------------------------------------------- 4b. bound vs trace
+def _bound_and_trace(run: dict, where: str) -> tuple[float, float, float] | None:
+    """(trace, trace stderr, bound) of a run's final checkpoint, None when it has no certificate."""
+    analysis = _plain(run.get("analysis"))
+    if not isinstance(analysis, Mapping) or not analysis.get("certificate") or not analysis.get("trace"):
+        return None
+    t, c = analysis["trace"], analysis["certificate"]
+    return (_num(_get(t, "estimate", f"{where}.analysis.trace"), f"{where}.analysis.trace.estimate"),
+            _num(t.get("stderr", 0.0), f"{where}.analysis.trace.stderr"),
+            _num(_get(c, "bound", f"{where}.analysis.certificate"), f"{where}.analysis.certificate.bound"))
+
+
+def plot_bound_vs_trace(runs, out_dir, name: str = "bound_vs_trace") -> list[Path]:
+    """The PAC-Bayes bound of every run against its Hessian trace (±1.96·stderr as a horizontal bar),
+    one colour per method. ``runs``: the demo's runs, or the demo dict; runs without a certificate are
+    left out (ValueError when none has one)."""
+    runs = _runs_list(runs)
+    points = [(r["method"], v) for i, r in enumerate(runs)
+              if (v := _bound_and_trace(r, f"runs[{i}] ({r.get('name', r['method'])})")) is not None]
+    if not points:
+        raise ValueError("runs: no run has both a trace and a PAC-Bayes certificate")
+    groups = _group(points)
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.subplots()
+    for method, values in groups.items():
+        trace, stderr, bound = (np.array(column) for column in zip(*values))
+        color = method_color(method)
+        ax.errorbar(trace, bound, xerr=Z95 * stderr, fmt="o", color=color, markeredgecolor="black",
+                    markeredgewidth=0.6, capsize=3, label=f"{method_label(method)} (n={len(values)})")
+    ax.set_xlabel(r"Hessian trace $\mathrm{tr}(H)$ of the final checkpoint")
+    ax.set_ylabel("PAC-Bayes bound on the test error")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle("Certified test error vs curvature, every run", fontsize=11)
+    _caption(fig, "one dot per run (method and seed); horizontal bars: the trace's 95% interval; the bound "
+                  "holds with probability ≥ 1 − δ")
+    return _save(fig, out_dir, name)
+
+
 # --------------------------------------------------------------------------- 5. matrix sensing
 def plot_matrix_sensing(data, out_dir, name: str = "matrix_sensing") -> list[Path]:
     """Training and validation loss vs step (log y), one line per method: mean over seeds with a
@@ -577,9 +616,9 @@ class _quiet:
 
 # --------------------------------------------------------------------------- 6. the demo
 def plot_demo(results, out_dir) -> list[Path]:
-    """Figures 1–4 for the demo results dict (``hessian_tools.demo.run_demo``): sharpness curves,
-    eigenvalue density, noise stability and the trace/λmax bars. The density and stability figures
-    are skipped when no run's analysis holds that result (the analysis settings left it out)."""
+    """Figures 1–5 for the demo results dict (``hessian_tools.demo.run_demo``): sharpness curves,
+    eigenvalue density, noise stability, the trace/λmax bars and the bound vs the trace. The density and
+    stability figures are skipped when no run's analysis holds that result (the analysis settings left it out)."""
     results = _plain(results)
     if not isinstance(results, Mapping) or "runs" not in results:
         raise ValueError("results: expected the demo results dict (with a 'runs' list)")
@@ -595,6 +634,8 @@ def plot_demo(results, out_dir) -> list[Path]:
             paths += fn(have, out_dir)
     if analyses:
         paths += plot_trace_lambda_bars([r for r in runs if isinstance(_plain(r.get("analysis")), Mapping)], out_dir)
+    if any(a.get("certificate") and a.get("trace") for _, a in analyses):
+        paths += plot_bound_vs_trace(runs, out_dir)
     if not paths:
         raise ValueError("results: no run has a sharpness curve or an analysis to draw")
     return paths

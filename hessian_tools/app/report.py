@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..stats import Z95, mean_ci, paired_relative_change, relative_change_ci
-from .analyses import REGISTRY
+from .analyses import REGISTRY, certificate_violated, prior_label
 from .formatting import as_dict, fmt, markdown_table, pm, text_table
 
 
@@ -30,18 +30,51 @@ def analysis_text(analysis: Mapping) -> str:
 
 
 # --------------------------------------------------------------------------- comparisons and curves
-def comparison_rows(comparison: Mapping) -> list[list[str]]:
+def comparison_rows(comparison: Mapping, bounds: Mapping[str, Mapping] | None = None) -> list[list[str]]:
+    """One row per checkpoint (its trace) and per pair (the paired difference); with ``bounds`` (name →
+    certificate) also each checkpoint's bound, posterior test error and KL, and each pair's bound
+    difference (one certificate per checkpoint: no error bar)."""
     c = as_dict(comparison)
     rows = [[name, pm(t["estimate"], Z95 * t["stderr"]), "", "", "", str(t["hvps"])] for name, t in zip(c["names"], c["traces"])]
     for p in c["pairs"]:
         rows.append([f"{p['b']} − {p['a']}", pm(p["difference"], Z95 * p["stderr"]),
                      f"{100 * p['relative_change']:+.1f}% ± {100 * Z95 * p['relative_change_stderr']:.1f}%",
                      fmt(Z95 * p["independent_stderr"], 2), f"{p['tightening']:.1f}×", ""])
+    if bounds is None:
+        return rows
+    parts = {name: as_dict(b) for name, b in bounds.items()}
+    for row, name in zip(rows, c["names"]):
+        row += _bound_cells(parts[name])
+    for row, p in zip(rows[len(c["names"]):], c["pairs"]):
+        a, b = parts[p["a"]], parts[p["b"]]
+        row += [f"{b['bound'] - a['bound']:+.4f}", "", "", ""]
     return rows
+
+
+def _bound_cells(c: Mapping) -> list[str]:
+    measured = c.get("posterior_test_error")
+    posterior = pm(measured, Z95 * (c.get("posterior_test_stderr") or 0.0)) if measured is not None else "–"
+    return [fmt(c["bound"]), posterior, fmt(c["kl"]), str(c["n"])]
 
 
 COMPARISON_HEADER = ["checkpoint / pair", "trace or difference (95% CI)", "relative change (95% CI)",
                      "unpaired half-width", "paired CI tighter by", "HVPs"]
+BOUND_HEADER = ["bound (or difference)", "posterior test error (95% CI)", "KL", "n"]
+
+
+def comparison_header(with_bounds: bool = False) -> list[str]:
+    return COMPARISON_HEADER + (BOUND_HEADER if with_bounds else [])
+
+
+def bound_note(bounds: Mapping[str, Mapping], settings) -> str:
+    """One line: the certificates' posterior, prior and confidence (the same for every checkpoint)."""
+    first = as_dict(next(iter(bounds.values())))
+    if first.get("kind") == "posterior_certificate":
+        prior = prior_label(first, getattr(settings, "prior_epochs", None))
+        posterior = f"optimised posterior, {prior}"
+    else:
+        posterior = "isotropic posterior N(W, σ²I)"
+    return f"{posterior}; each holds w.p. ≥ {1 - first['delta']:.2f}, seed {first['seed']}"
 
 
 def curve_rows(name: str, points: Sequence[Mapping]) -> list[list[str]]:
@@ -102,6 +135,7 @@ def demo_markdown(results: Mapping, figures: Sequence[str] = ()) -> str:
         f"SAM ρ = {cfg['rho']}. {seeds} seeds per method. Curvature of the training cross-entropy over the whole "
         f"fine-tuning set (BatchNorm in eval mode). Wall time {results['wall_time_s']:.0f} s.",
         "",
+        *_violation_banner(runs),
         "## Per method (mean ± 95% CI over seeds)",
         "",
         markdown_table(["method"] + [label for _, label in METRICS],
@@ -118,6 +152,7 @@ def demo_markdown(results: Mapping, figures: Sequence[str] = ()) -> str:
                   "head initialisation and the data order, so the per-seed ratio NSO/baseline − 1 removes most of the "
                   "seed-to-seed spread; mean ± t-interval over seeds. *Unpaired*: ratio of the means, delta method. "
                   "Both intervals include each estimate's own error bar through the seed-to-seed spread.", ""]
+    lines += _certificate_section(runs, cfg)
     lines += ["## Per run (each number with its own error bar, seed and HVPs)", "",
               markdown_table(["run", "test acc", "trace (95% CI)", "λmax (residual)", "λmin", "bound", "HVPs"],
                              [_run_row(r) for r in runs]), ""]
@@ -156,6 +191,97 @@ def _run_row(run: Mapping) -> list[str]:
             fmt(_metric(run, "bound")), str(a["hvps"])]
 
 
+# --------------------------------------------------------------------------- the demo's certificates
+def _certificate(run: Mapping) -> Mapping | None:
+    c = as_dict(run["analysis"]).get("certificate")
+    return as_dict(c) if c else None
+
+
+CERTIFICATE_HEADER = ["run", "bound", "posterior train error (MC, ≤ upper)", "KL (nats)", "n", "δ (sample + MC)",
+                      "λ", "posterior test error (95% CI)", "checkpoint test error", "seed", "time (s)"]
+
+
+def certificate_rows(runs: Sequence[Mapping]) -> list[list[str]]:
+    """One row per run with a certificate: the bound and its parts (see :data:`CERTIFICATE_HEADER`)."""
+    rows = []
+    for run in runs:
+        c = _certificate(run)
+        if c is None:
+            continue
+        measured = c.get("posterior_test_error")
+        posterior = pm(measured, Z95 * c["posterior_test_stderr"]) if measured is not None else "–"
+        lambdas = c.get("lambdas") or ([c["sigma"]] if c.get("sigma") is not None else [])
+        checkpoint_error = c.get("test_error")
+        if checkpoint_error is None:
+            checkpoint_error = 1.0 - as_dict(run["analysis"])["test_acc"]
+        wall = c.get("wall_time_s")
+        rows.append([run["name"], fmt(c["bound"]), f"{fmt(c['mc_error'])} (≤ {fmt(c['mc_upper'])})",
+                     fmt(c["kl"]), str(c["n"]), f"{fmt(c['delta_bound'], 2)} + {fmt(c['delta_mc'], 2)}",
+                     ", ".join(fmt(x, 3) for x in lambdas), posterior, fmt(checkpoint_error),
+                     str(c.get("seed", "")), f"{wall:.1f}" if wall is not None else "–"])
+    return rows
+
+
+def paired_bound_difference(runs: Sequence[Mapping], method: str,
+                            base: str) -> tuple[float, float, int, int] | None:
+    """Runs paired by seed: the mean of bound(method) − bound(base) over the seeds both have, the
+    half-width of its 95% t-interval over those seeds (0 for one seed), how many seeds ``method`` is
+    lower on, and the number of pairs; None without a pair."""
+    by_seed = {m: {r["seed"]: _metric(r, "bound") for r in runs if r["method"] == m} for m in (method, base)}
+    seeds = sorted(seed for seed in set(by_seed[method]) & set(by_seed[base])
+                   if by_seed[method][seed] is not None and by_seed[base][seed] is not None)
+    if not seeds:
+        return None
+    differences = [by_seed[method][seed] - by_seed[base][seed] for seed in seeds]
+    mean, half = mean_ci(differences)
+    return mean, half, sum(d < 0 for d in differences), len(differences)
+
+
+def violated_certificates(runs: Sequence[Mapping]) -> list[str]:
+    """The runs whose posterior's measured test error exceeds their bound (a failed certificate)."""
+    return [run["name"] for run in runs if (c := _certificate(run)) is not None and certificate_violated(c)]
+
+
+def _certificate_section(runs: Sequence[Mapping], config: Mapping) -> list[str]:
+    rows = certificate_rows(runs)
+    if not rows:
+        return []
+    first = next(c for r in runs if (c := _certificate(r)) is not None)
+    if first.get("kind") == "posterior_certificate":
+        what = (f"Optimised diagonal-Gaussian posterior, {prior_label(first, config.get('prior_epochs'))} "
+                f"(n_prior and n per run in its analysis). ")
+    else:
+        what = ("Isotropic posterior N(W, σ²I) around the checkpoint, pre-trained prior (vacuous on fine-tuned "
+                "networks). ")
+    lines = ["## PAC-Bayes certificates (every run)", "",
+             what + f"Each bound holds with probability ≥ 1 − δ = {1 - first['delta']:.2f} over the bound samples "
+             "and the Monte-Carlo weight draws, for the test error of a network drawn from the posterior; the "
+             "posterior's own test error is measured next to it (Monte-Carlo 95% CI) and must not exceed it.", "",
+             markdown_table(CERTIFICATE_HEADER, rows), ""]
+    pairs = [(m, b) for m in ("nso",) for b in ("sgd", "sam")
+             if any(r["method"] == m for r in runs) and any(r["method"] == b for r in runs)]
+    table = []
+    for method, base in pairs:
+        result = paired_bound_difference(runs, method, base)
+        if result is not None:
+            mean, half, lower, count = result
+            table.append([f"{method.upper()} − {base.upper()}", pm(mean, half), f"{lower}/{count}"])
+    if table:
+        header = ["bound difference", "paired by seed (95% t-CI)", "seeds NSO lower"]
+        lines += [markdown_table(header, table), "",
+                  "Negative = NSO certifies a lower test error. The interval is over seeds (one certificate "
+                  "per run).", ""]
+    return lines
+
+
+def _violation_banner(runs: Sequence[Mapping]) -> list[str]:
+    violated = violated_certificates(runs)
+    if not violated:
+        return []
+    return [f"**CERTIFICATE VIOLATED on {', '.join(violated)}: the posterior's measured test error exceeds "
+            "its bound. A bound that fails is a bug (or the δ event); do not trust these bounds.**", ""]
+
+
 MEASUREMENT_NOTES = """\
 - **Trace**: Hutch++ (Meyer et al. 2021) with a sequential stop at 95% half-width ≤ rtol·|estimate|; the error bar is
   the residual Hutchinson samples' standard error, conditional on the sketch.
@@ -163,6 +289,10 @@ MEASUREMENT_NOTES = """\
   true eigenvalue.
 - **Density**: stochastic Lanczos quadrature (Ubaru et al. 2017; Ghorbani et al. 2019), Gaussian-smoothed.
 - **Noise stability**: E[f(W+U)] − f(W), U ~ N(0, σ²I), antithetic pairs, next to σ²/2·Tr(H).
-- **PAC-Bayes bound**: a certificate on the test error of the Gaussian-perturbed network (prior centred at the
-  fine-tuning start, σ from a grid paid by a union bound, Monte-Carlo error bounded by kl inversion, Seeger bound);
-  it holds with probability ≥ 1 − δ. The Hessian *measures* are not certificates."""
+- **PAC-Bayes bound**: a certificate on the test error of a network drawn from a Gaussian posterior
+  Q = N(μ, diag s²), s per parameter tensor, fitted to the bound (Dziugaite & Roy 2017; Pérez-Ortiz et al.
+  2021), against a prior N(W0, λ²I) with λ from a fixed grid paid by a union bound. With a data-dependent
+  prior, W0 is trained with the run's own recipe on part of the fine-tuning set and the bound uses only the
+  rest (n); μ is optimised from W0. The training error of Q is estimated from Monte-Carlo draws and bounded
+  by kl inversion, then the Seeger/Maurer bound gives the certificate; it holds with probability ≥ 1 − δ.
+  It certifies Q, not the checkpoint itself. The Hessian *measures* are not certificates."""

@@ -54,7 +54,7 @@ from .io import atomic_torch_save, atomic_write_json, read_json
 from .evaluation import evaluate
 from .zoo.models import seeded_build
 
-__all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "optimization_steps", "Diverged", "METHODS", "BASES", "SCHEDULES"]
+__all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "optimization_steps", "recipe_trainer", "Diverged", "METHODS", "BASES", "SCHEDULES"]
 
 SCHEDULES = ("constant", "cosine")
 
@@ -353,7 +353,17 @@ def _run_metadata(config: TrainConfig, data: DataBundle, model, start: _Start) -
 
 def _train_epoch(model, optimizer, config: TrainConfig, data: DataBundle, data_gen, epoch: int, run_dir: Path) -> None:
     """One pass over the shuffled training batches, the learning rate following the schedule."""
-    X, y = data.train
+    try:
+        _epoch_steps(model, optimizer, config, *data.train, data_gen, epoch)
+    except Diverged as exc:
+        raise NonFiniteError(
+            f"training loss became {exc.value} at epoch {epoch}, step {exc.step + 1}; "
+            f"try a smaller lr (now {config.lr}); epochs 1–{epoch - 1} are kept in {run_dir}") from None
+
+
+def _epoch_steps(model, optimizer, config: TrainConfig, X, y, data_gen, epoch: int) -> None:
+    """Epoch ``epoch`` (1-based) of ``config.epochs`` over (X, y): shuffled batches, one optimizer step
+    each, the learning rate following the schedule; raises :class:`Diverged` on a non-finite loss."""
     steps_per_epoch = math.ceil(X.shape[0] / config.batch_size)
     total = config.epochs * steps_per_epoch
 
@@ -369,13 +379,37 @@ def _train_epoch(model, optimizer, config: TrainConfig, data: DataBundle, data_g
     model.train()
     closures = (closure_for(xb, yb) for xb, yb in batches(X, y, config.batch_size, generator=data_gen))
     rates = (learning_rate(config, (epoch - 1) * steps_per_epoch + step, total) for step in range(steps_per_epoch))
-    try:
-        for _ in optimization_steps(optimizer, closures, rates):
-            pass
-    except Diverged as exc:
-        raise NonFiniteError(
-            f"training loss became {exc.value} at epoch {epoch}, step {exc.step + 1}; "
-            f"try a smaller lr (now {config.lr}); epochs 1–{epoch - 1} are kept in {run_dir}") from None
+    for _ in optimization_steps(optimizer, closures, rates):
+        pass
+
+
+def recipe_trainer(run_dir: str | Path, epochs: int) -> Callable[[tuple, Mapping], dict]:
+    """A prior trainer for a data-dependent PAC-Bayes prior
+    (:func:`hessian_tools.bounds.optimised_certificate` with ``prior_split``): ``trainer((X, y), start)``
+    trains the run's model with the run's own recipe, read from its run.json (method and its options,
+    base optimizer, lr and schedule, momentum, weight decay, batch size, seed), for ``epochs`` epochs
+    on (X, y) only, from the weights ``start`` (the run's init.pt when the certificate calls it), and
+    returns the trained state_dict. Seeded as a run is: the same call gives the same weights."""
+    meta, _ = load_run(run_dir)
+    epochs = check_integer("prior_epochs", epochs)
+    config = dataclasses.replace(TrainConfig.from_dict(meta["config"]), epochs=epochs)
+
+    def trainer(part: tuple, start_state: Mapping) -> dict:
+        X, y = part
+        model = build_run_model(meta)
+        load_into_model(model, start_state, source="the prior's start weights")
+        data_seed, noise_seed = _seeds(config.seed)
+        data_gen = torch.Generator().manual_seed(data_seed)
+        optimizer = _make_optimizer(config, model, torch.Generator().manual_seed(noise_seed))
+        try:
+            for epoch in range(1, config.epochs + 1):
+                _epoch_steps(model, optimizer, config, X, y, data_gen, epoch)
+        except Diverged as exc:
+            raise NonFiniteError(f"training the prior: the loss became {exc.value} at epoch {epoch}; "
+                                 f"try a smaller lr (now {config.lr})") from None
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    return trainer
 
 
 def _load_state(path: Path) -> dict:
