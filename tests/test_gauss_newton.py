@@ -189,3 +189,12 @@ def test_bad_input_gives_one_clear_error():
         ht.trace(op, control_variate="ggn", max_hvps=6)
     with pytest.raises(TypeError, match="needs the model"):
         ht.ggn_trace(ht.DenseOperator(torch.eye(3)))
+
+
+def test_the_reverse_mode_push_forward_gives_the_same_ggn():
+    """For models without forward-mode rules J·V comes from the transpose of the pull-back."""
+    model, loss_fn, X, y = problem("cnn_bn")
+    op = GGNOperator(model, loss_fn, batches(X, y, 16))
+    op.push_strategy = "vjp-transpose"
+    assert torch.allclose(op.dense(), exact_ggn(model, loss_fn, X, y), atol=1e-12, rtol=1e-10)
+    assert op.push_strategy == "vjp-transpose"

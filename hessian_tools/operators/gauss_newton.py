@@ -198,6 +198,8 @@ class OutputCurvatureOperator(LinearOperator):
         self.blocks, self.param_names = risk.blocks, risk.param_names
         self.hvps = 0
         self.passes = 0
+        #: how J·V is computed: "jvp" (forward mode), or "vjp-transpose" once forward mode failed
+        self.push_strategy = "jvp"
 
     @property
     def num_samples(self) -> int:
@@ -221,11 +223,7 @@ class OutputCurvatureOperator(LinearOperator):
         z_flat = flat_outputs(z.detach(), self.loss)
         factors = self.output_factors(z_flat, targets, index)  # (n, R, C)
         cols = [V[b.slice].T.reshape(K, *b.shape) for b in self.blocks]
-
-        def push(*columns):
-            return jvp(outputs_of, (params,), (dict(zip(names, columns)),))[1]
-
-        JV = vmap(push, chunk_size=self.chunk_size)(*cols).reshape(K, *z_flat.shape)
+        JV = self._push_forward(outputs_of, params, pullback, z, cols).reshape(K, *z_flat.shape)
         coefficients = torch.einsum("nrc,knc->knr", factors, JV)
         back = torch.einsum("nrc,knr->knc", factors, coefficients) / z_flat.shape[0]
 
@@ -235,6 +233,20 @@ class OutputCurvatureOperator(LinearOperator):
 
         pulled = vmap(pull, chunk_size=self.chunk_size)(back)
         return torch.cat([h.reshape(K, -1) for h in pulled], dim=1).T
+
+    def _push_forward(self, outputs_of, params, pullback, z, cols) -> torch.Tensor:
+        """(K, *z.shape): J·v for every column, by forward mode (``jvp``); for a model without
+        forward-mode rules, by the transpose of the pull-back (J v = ∂/∂u ⟨Jᵀu, v⟩, reverse over reverse)."""
+        names = self.param_names
+        if self.push_strategy == "jvp":
+            try:
+                push = lambda *c: jvp(outputs_of, (params,), (dict(zip(names, c)),))[1]  # noqa: E731
+                return vmap(push, chunk_size=self.chunk_size)(*cols)
+            except (NotImplementedError, RuntimeError):  # no forward-mode rule for some operation
+                self.push_strategy = "vjp-transpose"
+        _, transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(z))
+        push = lambda *c: transpose(dict(zip(names, c)))[0]  # noqa: E731
+        return vmap(push, chunk_size=self.chunk_size)(*cols)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         V = V.to(device=self.device, dtype=self.dtype)
