@@ -8,15 +8,18 @@ application (models, data, training runs, the command line) lives in :mod:`hessi
 >>> import hessian_tools as ht
 >>> op = ht.HessianOperator(model, loss_fn, data)        # doctest: +SKIP
 >>> ht.trace(op, rtol=0.01)                              # doctest: +SKIP
+>>> ht.trace(op, rtol=0.01, control_variate="ggn")       # doctest: +SKIP
 """
 
 from .bounds.certificate import pac_bayes_certificate
 from .bounds.measures import hessian_measures
 from .estimators import (
+    control_variate_trace,
     density,
     diagonal,
     diagpp,
     eigenvalues,
+    ggn_trace,
     hutchinson,
     hutchinson_diagonal,
     hutchpp,
@@ -27,12 +30,14 @@ from .estimators import (
     xtrace,
 )
 from .estimators.paired import paired_traces
-from .operators import DenseOperator, EmpiricalRisk, HessianOperator, LinearOperator, ParameterBlock, as_operator
+from .operators import DenseOperator, EmpiricalRisk, FisherOperator, GGNOperator, HessianOperator, LinearOperator
+from .operators import ParameterBlock, UnsupportedLossError, as_operator
 from .operators import to_scipy
 from .optim import ASAM, NSO, SAM, WeightPerturbation, make_optimizer
 from .results import (
     CertificateResult,
     ComparisonResult,
+    ControlVariateTraceResult,
     DensityResult,
     DiagonalResult,
     EigenResult,
@@ -50,10 +55,10 @@ from .stability import noise_stability, stability_curve
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASAM", "CertificateResult", "ComparisonResult", "DenseOperator", "DensityResult", "DiagonalResult", "EigenResult",
-    "EmpiricalRisk", "HessianMeasuresResult", "HessianOperator", "LinearOperator", "NSO", "PairedDifference",
+    "ASAM", "CertificateResult", "ComparisonResult", "ControlVariateTraceResult", "DenseOperator", "DensityResult", "DiagonalResult", "EigenResult",
+    "EmpiricalRisk", "FisherOperator", "GGNOperator", "HessianMeasuresResult", "HessianOperator", "LinearOperator", "NSO", "PairedDifference",
     "ParameterBlock", "QuadratureResult", "Result", "SAM", "StabilityCurveResult", "StabilityResult",
-    "TraceResult", "WeightPerturbation", "as_operator", "density", "diagonal", "diagpp", "eigenvalues", "hessian_measures", "hutchinson",
+    "TraceResult", "UnsupportedLossError", "WeightPerturbation", "as_operator", "control_variate_trace", "density", "diagonal", "diagpp", "eigenvalues", "ggn_trace", "hessian_measures", "hutchinson",
     "hutchinson_diagonal", "hutchpp", "make_optimizer", "noise_stability", "paired_traces", "pac_bayes_certificate", "quadratic_form",
     "quadratic_forms", "result_from_dict", "stability_curve", "to_scipy", "trace", "xdiag", "xtrace",
 ]

@@ -158,6 +158,27 @@ class TraceResult(Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlVariateTraceResult(TraceResult):
+    """tr(H) = tr(G) + tr(H − G): ``exact_part`` = tr(G) computed exactly (the Gauss–Newton matrix,
+    ``control_variate``), plus a Hutchinson estimate of the residual tr(H − G)
+    (``residual_estimate``). Only the residual is stochastic: ``stderr`` is its standard error.
+
+    Cost in HVP-equivalents, counted honestly: every residual probe costs one Hessian product AND one
+    Gauss–Newton product (``hessian_products`` = ``ggn_products`` = ``n_probes``), and the exact
+    tr(G) costs ``exact_passes`` (= C, the number of outputs) per-sample vector-Jacobian passes over
+    the data; ``hvps`` is their sum, each counted as one HVP.
+    """
+
+    kind: ClassVar[str] = "control_variate_trace"
+    control_variate: str = "ggn"
+    exact_part: float = 0.0
+    residual_estimate: float = 0.0
+    hessian_products: int = 0
+    ggn_products: int = 0
+    exact_passes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockDiagonal:
     """Summary of the estimated Hessian diagonal d̂ on one parameter block b (|b| = ``size``).
 

@@ -63,6 +63,8 @@ def test_importing_the_whole_library_loads_no_application_module():
 def test_public_api_exports_the_headline_functions():
     for name in ("HessianOperator", "LinearOperator", "EmpiricalRisk", "trace", "eigenvalues", "density",
                  "noise_stability", "stability_curve", "pac_bayes_certificate", "hessian_measures", "paired_traces",
-                 "NSO", "SAM", "ASAM", "WeightPerturbation", "make_optimizer"):
+                 "NSO", "SAM", "ASAM", "WeightPerturbation", "make_optimizer", "GGNOperator", "FisherOperator",
+                 "ggn_trace", "control_variate_trace"):
         assert callable(getattr(ht, name)), name
-    assert set(ht.__all__) >= {"noise_stability", "pac_bayes_certificate", "NSO"}
+    assert set(ht.__all__) >= {"noise_stability", "pac_bayes_certificate", "NSO", "GGNOperator", "FisherOperator",
+                              "ggn_trace", "control_variate_trace", "ControlVariateTraceResult"}

@@ -62,3 +62,17 @@ def test_bound_benchmark_quick_run_writes_its_table(tmp_path):
         assert row["result"]["posterior_test_error"] <= row["result"]["bound"] <= 1
     report = (tmp_path / "bench_bound.md").read_text()
     assert "| fixed50 | 50/class" in report and "| dd50 | sgd | 0 | 125 |" in report
+
+
+def test_control_variate_benchmark_quick_run(tmp_path):
+    """analysis/bench_control_variate.py --quick (MLP only): the tables written, the residual mean is
+    zero within its error bar (tr(H) = tr(G) for a ReLU MLP), and the cost counts both products."""
+    bench = import_analysis_script("bench_control_variate")
+    results = bench.main(["--quick", "--models", "mlp", "--out", str(tmp_path)])
+    report = (tmp_path / "bench_control_variate.md").read_text()
+    assert "| " + " | ".join(bench.COLUMNS) + " |" in report
+    assert "| " + " | ".join(bench.RUN_COLUMNS) + " |" in report
+    (row,) = results["rows"]
+    assert abs(row["residual_mean"]) <= 4 * row["residual_se"]
+    assert row["hvps_cv"] == row["C"] + 2 * row["residual_probes"]
+    assert all(run["hvps"] == row["C"] + 2 * run["probes"] for run in row["runs"])

@@ -1,5 +1,6 @@
 """Estimators: plain functions over any operator with ``dim`` and ``matmat``."""
 from .baston2022diagpp import diagpp
+from .control_variate import control_variate_trace, ggn_trace
 from .density import density
 from .diagonal import diagonal, hutchinson_diagonal
 from .eigen import eigenvalues
@@ -10,6 +11,6 @@ from .quadrature import quadratic_form, quadratic_forms
 from .trace import trace
 
 __all__ = [
-    "density", "diagonal", "diagpp", "eigenvalues", "hutchinson", "hutchinson_diagonal", "hutchpp",
+    "control_variate_trace", "density", "diagonal", "diagpp", "eigenvalues", "ggn_trace", "hutchinson", "hutchinson_diagonal", "hutchpp",
     "quadratic_form", "quadratic_forms", "trace", "xdiag", "xtrace",
 ]

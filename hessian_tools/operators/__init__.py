@@ -1,11 +1,12 @@
-"""Operators: the Hessian of a model's loss over a dataset, and adapters for other matrices."""
+"""Operators: the Hessian, Gauss-Newton and Fisher matrices of a model's loss over a dataset, and adapters."""
 from .adapters import DenseOperator, ScipyOperator, as_operator, to_scipy
 from .base import LinearOperator
 from .empirical_risk import EmpiricalRisk
+from .gauss_newton import FisherOperator, GGNOperator, UnsupportedLossError
 from .hessian import HessianOperator
 from .params import ParameterBlock, ParameterSelectionError, select_parameters
 
 __all__ = [
-    "DenseOperator", "EmpiricalRisk", "HessianOperator", "LinearOperator", "ParameterBlock", "ParameterSelectionError", "ScipyOperator",
+    "DenseOperator", "EmpiricalRisk", "FisherOperator", "GGNOperator", "HessianOperator", "LinearOperator", "ParameterBlock", "ParameterSelectionError", "ScipyOperator", "UnsupportedLossError",
     "as_operator", "select_parameters", "to_scipy",
 ]
