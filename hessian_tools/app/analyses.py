@@ -77,12 +77,26 @@ def _bound(ctx) -> dict:
 
     if ctx.prior_state is None:
         return {"certificate": None, "measures": None}
+    _require_class_labels(ctx.train_batches)
     s, op = ctx.settings, ctx.operator
     certificate = pac_bayes_certificate(ctx.model, ctx.train_batches, ctx.prior_state, sigmas=s.certificate_sigmas,
                                         n_mc=s.certificate_samples, delta=s.delta, seed=s.seed, params=s.params)
     measures = hessian_measures(op, _flat_prior(op, ctx.prior_state), n=op.num_samples, trace_result=ctx.parts["trace"],
                                 seed=s.seed)
     return {"certificate": certificate, "measures": measures}
+
+
+def _require_class_labels(data) -> None:
+    """The certificate bounds the 0-1 classification error: refuse, in one line, targets that are not labels."""
+    from ..errors import DataError
+    from ..operators.data_source import BatchSource
+
+    first = BatchSource(data).first()
+    targets = first[2] if first is not None else None
+    if not (isinstance(targets, torch.Tensor) and targets.ndim == 1 and not targets.dtype.is_floating_point):
+        shown = f"{targets.dtype} of shape {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise DataError(f"the PAC-Bayes bound certifies the 0-1 classification error, so it needs integer class labels "
+                        f"of shape (n,) as targets, got {shown}; leave bound out of --what")
 
 
 def _flat_prior(op, prior_state: Mapping[str, torch.Tensor]) -> torch.Tensor:

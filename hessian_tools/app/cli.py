@@ -69,13 +69,26 @@ def _distributed(parser: argparse.ArgumentParser) -> None:
 def _model_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="mlp | cnn | resnet | MODULE:FACTORY (needed for a checkpoint file)")
     parser.add_argument("--data", help="builtin:digits | builtin:digits-finetune | builtin:digits-pretrain | "
-                                       "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file)")
+                                       "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file). "
+                                       "FUNCTION() returns a dict {train, test, num_classes}, a (train, test) pair "
+                                       "or the training data alone; a split is (X, y) tensors, a Dataset, a "
+                                       "DataLoader or a list of batches; a batch is (inputs, targets) or a dict "
+                                       "with 'labels'; inputs a tensor, a tuple (positional) or a dict (keyword "
+                                       "arguments, e.g. input_ids/attention_mask). Not a generator: it is "
+                                       "passed over many times")
     parser.add_argument("--checkpoint-key", metavar="NAME",
                         help="which state_dict inside the checkpoint, e.g. ema or state_dict.model_ema "
                              "(default: the model's own weights; a note on stderr says what was used)")
     parser.add_argument("--params", metavar="REGEX", help="analyse only parameters whose names match")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size of the data passes (default 512)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="computation precision")
+    _loss(parser)
+
+
+def _loss(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loss", default="cross_entropy", metavar="LOSS",
+                        help="cross_entropy | mse | MODULE:FACTORY, FACTORY() returning loss(outputs, targets) -> "
+                             "the batch-mean scalar (default cross_entropy); the PAC-Bayes bound needs class labels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +147,7 @@ def _add_curve(sub) -> None:
     p.add_argument("--out", help="folder for the sharpness-curve figure and per-run results (enables --resume)")
     p.add_argument("--resume", action="store_true", help="skip runs whose curve is already saved in --out")
     p.add_argument("--batch-size", type=int, default=512)
+    _loss(p)
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_curve)
@@ -248,7 +262,8 @@ def _settings(args, what):
     return AnalysisSettings(what=tuple(what), params=args.params, batch_size=args.batch_size, seed=args.seed,
                             trace_method=getattr(args, "trace_method", "hutchpp"), trace_rtol=getattr(args, "rtol", 0.02),
                             trace_max_hvps=getattr(args, "max_hvps", 600), eig_max_hvps=getattr(args, "max_hvps", 600),
-                            dtype=args.dtype, device=args.device, distributed=getattr(args, "distributed", False))
+                            dtype=args.dtype, device=args.device, distributed=getattr(args, "distributed", False),
+                            loss=args.loss)
 
 
 def _resolve(args, target: str, prior: str | None = None):
@@ -358,7 +373,7 @@ def cmd_curve(args) -> int:
     with Progress(args.quiet) as progress:
         curves, figures = run_curve(args.runs, every=args.every, rtol=args.rtol, seed=args.seed, batch_size=args.batch_size,
                                     out=args.out, resume=args.resume, progress=progress,
-                                    distributed=args.distributed, device=args.device)
+                                    distributed=args.distributed, device=args.device, loss=args.loss)
     rows = [row for name, points in curves.items() for row in curve_rows(name, points)]
     print(text_table(CURVE_HEADER, rows))
     for figure in figures:

@@ -8,19 +8,58 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from math import nan
 from typing import Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..checks import check_choice
+from ..errors import HessianToolsError
 from ..operators import HessianOperator
 from ..results import Result, _from_jsonable
 from .analyses import ANALYSES, PARTS, plan
-from .evaluation import evaluate
-from .zoo.data import DataBundle, batches
+from .evaluation import cross_entropy, evaluate_batches
+from .zoo.data import DataBundle
+from .zoo.models import load_factory
 
 DTYPES = ("float32", "float64")
+
+
+class LossSpecError(HessianToolsError, ValueError):
+    """A ``--loss`` that names no usable loss."""
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The batch-mean squared error ``mean((outputs − targets)²)`` over all entries (``F.mse_loss``).
+
+    Integer class labels (targets of shape (n,) against outputs (n, C)) are compared as one-hot
+    vectors, so ``--loss mse`` also runs on classification data."""
+    if not targets.dtype.is_floating_point and targets.ndim == outputs.ndim - 1:
+        targets = F.one_hot(targets, outputs.shape[-1])
+    return F.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
+
+
+#: the ``--loss`` names; anything else is ``MODULE:FACTORY``
+LOSSES: dict[str, Callable] = {"cross_entropy": cross_entropy, "mse": mse}
+
+
+def make_loss(spec: str) -> Callable:
+    """The loss named by ``spec``: ``cross_entropy``, ``mse`` or ``MODULE:FACTORY``, where
+    ``FACTORY()`` returns a callable ``loss(outputs, targets)`` → the batch-mean scalar loss."""
+    if spec in LOSSES:
+        return LOSSES[spec]
+    if not isinstance(spec, str) or ":" not in spec:
+        raise LossSpecError(f"unknown loss {spec!r}; choose {', '.join(LOSSES)} or MODULE:FACTORY")
+    factory = load_factory(spec, error=LossSpecError)
+    try:
+        loss = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed; one line
+        raise LossSpecError(f"loss factory {spec} raised {type(exc).__name__}: {exc}") from None
+    if not callable(loss):
+        raise LossSpecError(f"loss factory {spec} returned a {type(loss).__name__}, not a callable "
+                            "loss(outputs, targets) -> batch-mean scalar")
+    return loss
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisSettings:
@@ -45,6 +84,7 @@ class AnalysisSettings:
     certificate_samples: int = 20
     dtype: str = "float32"
     device: str = "cpu"
+    loss: str = "cross_entropy"  # cross_entropy | mse | MODULE:FACTORY (see make_loss)
     distributed: bool = False  # shard the data over the torch.distributed ranks (torchrun)
 
     def __post_init__(self):
@@ -97,16 +137,12 @@ class CheckpointAnalysis(Result):
         return super().from_dict(data)
 
 
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The batch-mean cross-entropy, the loss whose Hessian every command analyses."""
-    return F.cross_entropy(outputs, targets)
-
-
-def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: AnalysisSettings) -> HessianOperator:
-    """The Hessian of the mean training cross-entropy over all of ``bundle.train``."""
-    X, y = bundle.train
+def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: AnalysisSettings,
+                  loss_fn: Callable | None = None) -> HessianOperator:
+    """The Hessian of the mean training loss (``settings.loss``) over all of ``bundle.train``."""
+    loss_fn = loss_fn or make_loss(settings.loss)
     dtype = torch.float64 if settings.dtype == "float64" else None
-    data = batches(X, y, settings.batch_size)
+    data = bundle.train_batches(settings.batch_size)
     if settings.distributed:
         # Each rank streams its own (possibly uneven or empty) share of the batches; one all_reduce
         # per product combines the sample-weighted sums, so every rank gets the full-data H·V.
@@ -114,10 +150,10 @@ def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: Analysis
 
         from ..operators.distributed import distributed_hessian_operator, shard
 
-        return distributed_hessian_operator(model.to(settings.device), cross_entropy,
+        return distributed_hessian_operator(model.to(settings.device), loss_fn,
                                             shard(data, dist.get_rank(), dist.get_world_size()),
                                             params=settings.params, dtype=dtype, device=settings.device)
-    return HessianOperator(model.to(settings.device), cross_entropy, data, params=settings.params, dtype=dtype,
+    return HessianOperator(model.to(settings.device), loss_fn, data, params=settings.params, dtype=dtype,
                            device=settings.device)
 
 
@@ -135,9 +171,8 @@ class AnalysisContext:
     parts: dict = dataclasses.field(default_factory=dict)
 
     @property
-    def train_batches(self) -> list:
-        X, y = self.bundle.train
-        return batches(X, y, self.settings.batch_size)
+    def train_batches(self):
+        return self.bundle.train_batches(self.settings.batch_size)
 
 
 def analyze_model(
@@ -158,10 +193,12 @@ def analyze_model(
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     model.eval()
-    op = make_operator(model, bundle, settings)
-    train_loss, train_acc = evaluate(model, *bundle.train)
-    test_loss, test_acc = evaluate(model, *bundle.test)
-    context = AnalysisContext(model, bundle, settings, op, prior_state)
+    loss_fn = make_loss(settings.loss)
+    op = make_operator(model, bundle, settings, loss_fn)
+    train_loss, train_acc = evaluate_batches(model, bundle.train_batches(settings.batch_size), loss_fn)
+    test_data = bundle.test_batches(settings.batch_size)
+    test_loss, test_acc = evaluate_batches(model, test_data, loss_fn) if test_data is not None else (nan, nan)
+    context = AnalysisContext(model, bundle, settings, op, prior_state, loss_fn)
     timings: dict = {}
     for analysis in plan(settings.what):
         say(analysis.progress)
@@ -169,7 +206,7 @@ def analyze_model(
         context.parts.update({k: v for k, v in analysis.compute(context).items() if v is not None})
         timings[analysis.name] = time.perf_counter() - t0
     return CheckpointAnalysis(
-        name=name, dim=op.dim, n_train=int(bundle.train[1].shape[0]), n_test=int(bundle.test[1].shape[0]),
+        name=name, dim=op.dim, n_train=op.num_samples, n_test=bundle.n_test,
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc, seed=settings.seed,
         hvps=op.hvps, wall_time_s=time.perf_counter() - start, parts=dict(context.parts),
         settings=dataclasses.asdict(settings), timings=timings,
