@@ -35,6 +35,8 @@ class Analysis:
     compute: Callable[[Any], dict[str, Result | None]]
     rows: Callable[[Mapping[str, Any]], list[Row]]
     needs: tuple[str, ...] = ()
+    #: ``budget(settings, dim)``: the most HVPs it may spend (for progress reports; None if unknown)
+    budget: Callable[[Any, int], int | None] = lambda settings, dim: None
 
 
 # --------------------------------------------------------------------------- compute
@@ -176,9 +178,11 @@ def bound_rows(parts: Mapping) -> list[Row]:
 REGISTRY: dict[str, Analysis] = {
     a.name: a
     for a in (
-        Analysis("trace", ("trace",), "trace", _trace, trace_rows),
-        Analysis("eigs", ("top", "bottom"), "top and smallest eigenvalues", _eigs, eig_rows),
-        Analysis("density", ("density",), "density", _density, density_rows),
+        Analysis("trace", ("trace",), "trace", _trace, trace_rows, budget=lambda s, dim: s.trace_max_hvps),
+        Analysis("eigs", ("top", "bottom"), "top and smallest eigenvalues", _eigs, eig_rows,
+                 budget=lambda s, dim: 2 * s.eig_max_hvps),
+        Analysis("density", ("density",), "density", _density, density_rows,
+                 budget=lambda s, dim: s.density_probes * min(s.density_steps, dim)),
         Analysis("stability", ("stability",), "noise stability", _stability, stability_rows, needs=("trace",)),
         Analysis("bound", ("certificate", "measures"), "PAC-Bayes certificate and Hessian measures", _bound,
                  bound_rows, needs=("trace",)),

@@ -122,6 +122,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--rtol", type=float, default=0.02, help="trace: stop at 95%% half-width ≤ rtol·|trace| (default 0.02)")
     _hvp_budget(p, 600, "HVP budget per estimator")
     p.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchpp")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from FILE.partial, the state that --json FILE keeps while it "
+                        "runs (finished analyses and the HVPs spent); the numbers equal an uninterrupted run's")
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_analyze)
@@ -335,12 +338,33 @@ def _analyze_and_print(args, loaded, settings) -> int:
     from .pipeline import analyze_model
     from .report import analysis_text
 
-    with Progress(args.quiet) as progress:
-        result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name,
-                               progress=progress)
+    state_file = _state_file(args)
+    try:
+        with Progress(args.quiet) as progress:
+            result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name,
+                                   progress=None if args.quiet else progress, state_file=state_file,
+                                   resume=getattr(args, "resume", False))
+    except KeyboardInterrupt:
+        if state_file is not None and state_file.is_file():
+            print(f"note: the work done so far is in {state_file}; run the same command with --resume to continue",
+                  file=sys.stderr)
+        raise
     print(analysis_text(result))
     _emit_json(args.json, result)
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
     return 0
+
+
+def _state_file(args) -> Path | None:
+    """``--json FILE``'s state file (``FILE.partial``) for ``analyze``; None without a JSON file."""
+    from .resume import state_path
+
+    if getattr(args, "resume", False) and (not args.json or args.json == "-"):
+        raise UsageError("--resume needs --json FILE: the state of an interrupted run is kept in FILE.partial")
+    if args.command != "analyze" or not args.json or args.json == "-" or getattr(args, "distributed", False):
+        return None
+    return state_path(args.json)
 
 
 def cmd_compare(args) -> int:

@@ -183,31 +183,103 @@ def analyze_model(
     prior_state: Mapping[str, torch.Tensor] | None = None,
     name: str = "checkpoint",
     progress: Callable[[str], None] | None = None,
+    state_file: str | None = None,
+    resume: bool = False,
 ) -> CheckpointAnalysis:
     """Run the analyses in ``settings.what`` (and what they need) on ``model`` (its current weights)
     over ``bundle``.
 
     ``prior_state`` (the initial / pre-trained weights) is needed for the PAC-Bayes certificate
-    and the Hessian measures; without it ``"bound"`` yields no parts.
+    and the Hessian measures; without it ``"bound"`` yields no parts. ``progress`` gets a line per
+    analysis and, while one runs, the HVPs done / budget, the rate and the time left. With
+    ``state_file`` the finished analyses and the products spent so far are kept there (see
+    :mod:`hessian_tools.app.resume`); ``resume`` continues from it, with the same numbers as an
+    uninterrupted run. The caller removes the file once the result is safe.
     """
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     model.eval()
     loss_fn = make_loss(settings.loss)
     op = make_operator(model, bundle, settings, loss_fn)
-    train_loss, train_acc = evaluate_batches(model, bundle.train_batches(settings.batch_size), loss_fn)
+    train_data = bundle.train_batches(settings.batch_size)
+    train_loss, train_acc = evaluate_batches(model, train_data, loss_fn)
     test_data = bundle.test_batches(settings.batch_size)
     test_loss, test_acc = evaluate_batches(model, test_data, loss_fn) if test_data is not None else (nan, nan)
+    state = None
+    if state_file is not None:
+        from .resume import AnalysisState, setup_fingerprint
+
+        fingerprint = setup_fingerprint(model, train_data, op.num_samples, settings, prior_state)
+        state = AnalysisState(state_file, fingerprint, resume)
     context = AnalysisContext(model, bundle, settings, op, prior_state, loss_fn)
     timings: dict = {}
+    hvps = 0
     for analysis in plan(settings.what):
-        say(analysis.progress)
-        t0 = time.perf_counter()
-        context.parts.update({k: v for k, v in analysis.compute(context).items() if v is not None})
-        timings[analysis.name] = time.perf_counter() - t0
+        spent, timings[analysis.name] = _run_analysis(analysis, context, op, state, progress)
+        hvps += spent
     return CheckpointAnalysis(
         name=name, dim=op.dim, n_train=op.num_samples, n_test=bundle.n_test,
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc, seed=settings.seed,
-        hvps=op.hvps, wall_time_s=time.perf_counter() - start, parts=dict(context.parts),
+        hvps=hvps, wall_time_s=time.perf_counter() - start, parts=dict(context.parts),
         settings=dataclasses.asdict(settings), timings=timings,
     )
+
+
+def _run_analysis(analysis, context: AnalysisContext, op, state, progress) -> tuple[int, float]:
+    """Compute one analysis into ``context.parts`` (or take it from ``state``): (HVPs, seconds)."""
+    from ..operators.recording import RecordingOperator, ReplayMismatchError
+
+    say = progress or (lambda _msg: None)
+    saved = state.finished_analysis(analysis.name) if state else None
+    if saved is not None:
+        say(f"{analysis.progress}: finished before (state file)")
+        context.parts.update(saved.parts)
+        return saved.hvps, saved.seconds
+    say(analysis.progress)
+    log = state.start(analysis.name) if state else []
+    watched = _monitored(op, analysis, context.settings, progress, replayed=sum(p.shape[1] for _, p in log))
+    if state is not None:
+        watched = RecordingOperator(watched, log, on_record=state.recorded)
+    context.operator = watched
+    t0 = time.perf_counter()
+    try:
+        parts = {k: v for k, v in analysis.compute(context).items() if v is not None}
+    except ReplayMismatchError as exc:
+        from .resume import ResumeError
+
+        raise ResumeError(f"{exc}: the checkpoint, data or options differ from the interrupted run; delete "
+                          f"{state.path} or drop --resume") from None
+    except BaseException:
+        if state is not None:
+            state.save()  # an interrupt keeps the products spent so far
+        raise
+    finally:
+        context.operator = op
+    seconds = time.perf_counter() - t0
+    context.parts.update(parts)
+    if state is not None:
+        state.finish(analysis.name, parts, watched.hvps, seconds)
+    return watched.hvps, seconds
+
+
+def _monitored(op, analysis, settings: AnalysisSettings, progress, replayed: int):
+    """``op`` reporting HVPs done / budget, HVPs/s and the time left to ``progress`` (``op`` itself when quiet)."""
+    from ..operators.recording import MonitoredOperator
+
+    if progress is None:
+        return MonitoredOperator(op, lambda *_: None, offset=replayed, every=float("inf"))
+    budget = analysis.budget(settings, op.dim)
+
+    def report(done: int, rate: float | None, left: float | None) -> None:
+        total = f"/{budget}" if budget else ""
+        speed = f", {rate:.1f} HVPs/s" if rate else ""
+        eta = f", ≤ {_duration(left)} left" if left is not None else ""
+        progress(f"{analysis.name}: {done}{total} HVPs{speed}{eta}")
+
+    return MonitoredOperator(op, report, budget=budget, offset=replayed)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
