@@ -259,3 +259,30 @@ def test_replay_checks_every_input_block():
     assert torch.equal(replay.matmat(torch.eye(4)[:, :2]), first) and replay.computed == 0 and op.hvps == 2
     with pytest.raises(ReplayMismatchError):
         RecordingOperator(op, recorder.log).matmat(torch.ones(4, 2))
+
+
+def test_compare_takes_the_data_forms_and_the_loss(user, capsys):
+    bag = str(user / "bag.pt")
+    code = main(
+        [
+            "compare",
+            bag,
+            bag,
+            "--model",
+            "ri_user:make_bag",
+            "--data",
+            "ri_user:loader",
+            "--loss",
+            "mse",
+            "--max-hvps",
+            "12",
+            "--quiet",
+            "--json",
+            str(user / "c.json"),
+        ]
+    )
+    capsys.readouterr()
+    assert code == 0
+    result = json.loads((user / "c.json").read_text())
+    # the same weights twice with common probes: the paired difference is exactly zero
+    assert result["pairs"][0]["difference"] == 0.0 and result["traces"][0]["estimate"] > 0

@@ -256,6 +256,8 @@ def _run_analysis(analysis, context: AnalysisContext, op, state, progress) -> tu
     finally:
         context.operator = op
     seconds = time.perf_counter() - t0
+    if progress is not None and watched.hvps:
+        say(f"{analysis.name}: {watched.hvps} HVPs in {_duration(seconds)}")
     context.parts.update(parts)
     if state is not None:
         state.finish(analysis.name, parts, watched.hvps, seconds)
@@ -281,5 +283,5 @@ def _monitored(op, analysis, settings: AnalysisSettings, progress, replayed: int
 
 def _duration(seconds: float) -> str:
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

@@ -41,7 +41,7 @@ def comparison_rows(comparison: Mapping) -> list[list[str]]:
     for p in c["pairs"]:
         rows.append([f"{p['b']} − {p['a']}", pm(p["difference"], Z95 * p["stderr"]),
                      f"{100 * p['relative_change']:+.1f}% ± {100 * Z95 * p['relative_change_stderr']:.1f}%",
-                     fmt(Z95 * p["independent_stderr"], 2), f"{p['tightening']:.1f}×", ""])
+                     fmt(Z95 * p["independent_stderr"], 2), f"{float(p['tightening']):.1f}×", ""])
     return rows
 
 

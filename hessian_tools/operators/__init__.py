@@ -3,9 +3,10 @@ from .adapters import DenseOperator, ScipyOperator, as_operator, to_scipy
 from .base import LinearOperator
 from .empirical_risk import EmpiricalRisk
 from .hessian import HessianOperator
+from .recording import MonitoredOperator, RecordingOperator
 from .params import ParameterBlock, ParameterSelectionError, select_parameters
 
 __all__ = [
-    "DenseOperator", "EmpiricalRisk", "HessianOperator", "LinearOperator", "ParameterBlock", "ParameterSelectionError", "ScipyOperator",
+    "DenseOperator", "EmpiricalRisk", "HessianOperator", "LinearOperator", "MonitoredOperator", "ParameterBlock", "ParameterSelectionError", "RecordingOperator", "ScipyOperator",
     "as_operator", "select_parameters", "to_scipy",
 ]
