@@ -286,3 +286,22 @@ def test_compare_takes_the_data_forms_and_the_loss(user, capsys):
     result = json.loads((user / "c.json").read_text())
     # the same weights twice with common probes: the paired difference is exactly zero
     assert result["pairs"][0]["difference"] == 0.0 and result["traces"][0]["estimate"] > 0
+
+
+def test_an_analysis_too_big_to_log_is_recomputed_but_finished_ones_are_kept(user, capsys, monkeypatch):
+    import hessian_tools.app.pipeline as pipeline
+
+    full = Counter(monkeypatch)
+    assert analyze(user, capsys, "--json", str(user / "full.json"), "--quiet")[0] == 0
+    full_calls = full.calls
+    alone = Counter(monkeypatch)
+    assert analyze(user, capsys, "--quiet", what="trace")[0] == 0
+    trace_calls = alone.calls
+    monkeypatch.setattr(pipeline, "LOG_LIMIT_BYTES", 0)
+    Counter(monkeypatch, stop=8)  # in eigs, as above
+    assert analyze(user, capsys, "--json", str(user / "cut.json"))[0] == 130
+    resumed = Counter(monkeypatch)
+    code, _, err = analyze(user, capsys, "--json", str(user / "cut.json"), "--resume")
+    assert code == 0 and "GiB to log" in err and "finished before" in err
+    assert numbers(user / "cut.json") == numbers(user / "full.json")
+    assert resumed.calls == full_calls - trace_calls  # eigs is paid again in full, the trace is not

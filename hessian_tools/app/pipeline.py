@@ -238,7 +238,7 @@ def _run_analysis(analysis, context: AnalysisContext, op, state, progress) -> tu
     say(analysis.progress)
     log = state.start(analysis.name) if state else []
     watched = _monitored(op, analysis, context.settings, progress, replayed=sum(p.shape[1] for _, p in log))
-    if state is not None:
+    if state is not None and _log_fits(analysis, context.settings, op, say):
         watched = RecordingOperator(watched, log, on_record=state.recorded)
     context.operator = watched
     t0 = time.perf_counter()
@@ -262,6 +262,22 @@ def _run_analysis(analysis, context: AnalysisContext, op, state, progress) -> tu
     if state is not None:
         state.finish(analysis.name, parts, watched.hvps, seconds)
     return watched.hvps, seconds
+
+
+#: the most memory (and state-file size) the log of one analysis's products may take
+LOG_LIMIT_BYTES = 2**30
+
+
+def _log_fits(analysis, settings: AnalysisSettings, op, say) -> bool:
+    """Whether the products of ``analysis`` can be logged for a resume within :data:`LOG_LIMIT_BYTES`;
+    if not, only its result is kept once it finishes (and ``say`` tells so)."""
+    budget = analysis.budget(settings, op.dim)
+    size = (budget or 0) * op.dim * torch.empty((), dtype=op.dtype).element_size()
+    if size <= LOG_LIMIT_BYTES:
+        return True
+    say(f"{analysis.name}: its {budget} products would take {size / 2**30:.1f} GiB to log, so an interrupt "
+        "keeps only the analyses finished before it")
+    return False
 
 
 def _monitored(op, analysis, settings: AnalysisSettings, progress, replayed: int):

@@ -8,7 +8,9 @@ finished analyses and replays the log, so the resumed run ends with exactly the 
 uninterrupted one without recomputing a product already paid for. The file is saved after every
 finished analysis, every ``save_every`` seconds of products and on an interrupt, and removed once the
 result is written. Its size is about (HVPs of the analysis in progress) × (parameters) × 4 bytes
-(8 in float64).
+(8 in float64); an analysis whose budget would log more than
+:data:`~hessian_tools.app.pipeline.LOG_LIMIT_BYTES` (1 GiB) is not logged (an interrupt then keeps
+only the analyses finished before it).
 
 A fingerprint of the setup (the weights, the prior, the first training batch, the number of samples
 and every setting except ``what``) guards the file: a resume with another checkpoint, data or option
