@@ -36,6 +36,8 @@ class Analysis:
     rows: Callable[[Mapping[str, Any]], list[Row]]
     needs: tuple[str, ...] = ()
     default: bool = True  # run when no ``--what`` is given
+    #: ``budget(settings, dim)``: the most HVPs it may spend (for progress reports; None if unknown)
+    budget: Callable[[Any, int], int | None] = lambda settings, dim: None
 
 
 # --------------------------------------------------------------------------- compute
@@ -82,6 +84,7 @@ def _bound(ctx) -> dict:
 
     if ctx.prior_state is None:
         return {"certificate": None, "measures": None}
+    _require_class_labels(ctx.train_batches)
     s, op = ctx.settings, ctx.operator
     result = certificate(ctx)
     measures = hessian_measures(op, _flat_prior(op, ctx.prior_state), n=op.num_samples, trace_result=ctx.parts["trace"],
@@ -133,6 +136,19 @@ def _diagonal(ctx) -> dict:
 
     s = ctx.settings
     return {"diagonal": diagonal(ctx.operator, method=s.diag_method, max_hvps=s.diag_max_hvps, seed=s.seed)}
+
+
+def _require_class_labels(data) -> None:
+    """The certificate bounds the 0-1 classification error: refuse, in one line, targets that are not labels."""
+    from ..errors import DataError
+    from ..operators.data_source import BatchSource
+
+    first = BatchSource(data).first()
+    targets = first[2] if first is not None else None
+    if not (isinstance(targets, torch.Tensor) and targets.ndim == 1 and not targets.dtype.is_floating_point):
+        shown = f"{targets.dtype} of shape {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise DataError(f"the PAC-Bayes bound certifies the 0-1 classification error, so it needs integer class labels "
+                        f"of shape (n,) as targets, got {shown}; leave bound out of --what")
 
 
 def _flat_prior(op, prior_state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -279,9 +295,11 @@ def diagonal_rows(parts: Mapping) -> list[Row]:
 REGISTRY: dict[str, Analysis] = {
     a.name: a
     for a in (
-        Analysis("trace", ("trace",), "trace", _trace, trace_rows),
-        Analysis("eigs", ("top", "bottom"), "top and smallest eigenvalues", _eigs, eig_rows),
-        Analysis("density", ("density",), "density", _density, density_rows),
+        Analysis("trace", ("trace",), "trace", _trace, trace_rows, budget=lambda s, dim: s.trace_max_hvps),
+        Analysis("eigs", ("top", "bottom"), "top and smallest eigenvalues", _eigs, eig_rows,
+                 budget=lambda s, dim: 2 * s.eig_max_hvps),
+        Analysis("density", ("density",), "density", _density, density_rows,
+                 budget=lambda s, dim: s.density_probes * min(s.density_steps, dim)),
         Analysis("stability", ("stability",), "noise stability", _stability, stability_rows, needs=("trace",)),
         Analysis("bound", ("certificate", "measures"), "PAC-Bayes certificate and Hessian measures", _bound,
                  bound_rows, needs=("trace",)),

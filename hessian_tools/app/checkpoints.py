@@ -304,13 +304,16 @@ def build_user_model(spec: str, bundle: DataBundle) -> torch.nn.Module:
     """``mlp``/``cnn``/``resnet`` (built for the data's classes and input shape) or ``module:factory``
     (called with ``num_classes=`` when its signature takes it, else with no arguments)."""
     if ":" not in spec:
+        if bundle.num_classes is None or bundle.input_shape is None:
+            raise ValueError(f"--model {spec} needs class labels (num_classes) and tensor inputs; for other data "
+                             "give your own model as --model MODULE:FACTORY")
         return build_model(spec, bundle.num_classes, bundle.input_shape)
     factory = load_factory(spec)
     try:
         takes_classes = "num_classes" in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         takes_classes = False
-    model = factory(num_classes=bundle.num_classes) if takes_classes else factory()
+    model = factory(num_classes=bundle.num_classes) if takes_classes and bundle.num_classes else factory()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model

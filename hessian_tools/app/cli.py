@@ -72,13 +72,26 @@ def _distributed(parser: argparse.ArgumentParser) -> None:
 def _model_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="mlp | cnn | resnet | MODULE:FACTORY (needed for a checkpoint file)")
     parser.add_argument("--data", help="builtin:digits | builtin:digits-finetune | builtin:digits-pretrain | "
-                                       "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file)")
+                                       "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file). "
+                                       "FUNCTION() returns a dict {train, test, num_classes}, a (train, test) pair "
+                                       "or the training data alone; a split is (X, y) tensors, a Dataset, a "
+                                       "DataLoader or a list of batches; a batch is (inputs, targets) or a dict "
+                                       "with 'labels'; inputs a tensor, a tuple (positional) or a dict (keyword "
+                                       "arguments, e.g. input_ids/attention_mask). Not a generator: it is "
+                                       "passed over many times")
     parser.add_argument("--checkpoint-key", metavar="NAME",
                         help="which state_dict inside the checkpoint, e.g. ema or state_dict.model_ema "
                              "(default: the model's own weights; a note on stderr says what was used)")
     parser.add_argument("--params", metavar="REGEX", help="analyse only parameters whose names match")
     parser.add_argument("--batch-size", type=int, default=512, help="batch size of the data passes (default 512)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="computation precision")
+    _loss(parser)
+
+
+def _loss(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loss", default="cross_entropy", metavar="LOSS",
+                        help="cross_entropy | mse | MODULE:FACTORY, FACTORY() returning loss(outputs, targets) -> "
+                             "the batch-mean scalar (default cross_entropy); the PAC-Bayes bound needs class labels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +128,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--diag-method", choices=DIAGONAL_METHODS, default="xdiag",
                    help="diag: the Hessian-diagonal estimator (default xdiag; budget --max-hvps)")
     _certificate_options(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from FILE.partial, the state that --json FILE keeps while it "
+                        "runs (finished analyses and the HVPs spent); the numbers equal an uninterrupted run's")
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_analyze)
@@ -143,6 +159,7 @@ def _add_curve(sub) -> None:
     p.add_argument("--out", help="folder for the sharpness-curve figure and per-run results (enables --resume)")
     p.add_argument("--resume", action="store_true", help="skip runs whose curve is already saved in --out")
     p.add_argument("--batch-size", type=int, default=512)
+    _loss(p)
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_curve)
@@ -284,7 +301,8 @@ def _settings(args, what):
                             trace_method=getattr(args, "trace_method", "hutchpp"), trace_rtol=getattr(args, "rtol", 0.02),
                             trace_max_hvps=max_hvps, eig_max_hvps=max_hvps, diag_max_hvps=max_hvps,
                             diag_method=getattr(args, "diag_method", "xdiag"), dtype=args.dtype, device=args.device,
-                            distributed=getattr(args, "distributed", False), **certificate)
+                            distributed=getattr(args, "distributed", False), loss=getattr(args, "loss", "cross_entropy"),
+                            **certificate)
 
 
 def _check_certificate_options(args) -> None:
@@ -385,12 +403,34 @@ def _analyze_and_print(args, loaded, settings, prior_trainer=None) -> int:
     from .pipeline import analyze_model
     from .report import analysis_text
 
-    with Progress(args.quiet) as progress:
-        result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name,
-                               prior_trainer=prior_trainer, progress=progress)
+    state_file = _state_file(args)
+    try:
+        with Progress(args.quiet) as progress:
+            result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name,
+                                   prior_trainer=prior_trainer, progress=None if args.quiet else progress,
+                                   state_file=state_file,
+                                   resume=getattr(args, "resume", False))
+    except KeyboardInterrupt:
+        if state_file is not None and state_file.is_file():
+            print(f"note: the work done so far is in {state_file}; run the same command with --resume to continue",
+                  file=sys.stderr)
+        raise
     print(analysis_text(result))
     _emit_json(args.json, result)
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
     return 0
+
+
+def _state_file(args) -> Path | None:
+    """``--json FILE``'s state file (``FILE.partial``) for ``analyze``; None without a JSON file."""
+    from .resume import state_path
+
+    if getattr(args, "resume", False) and (not args.json or args.json == "-"):
+        raise UsageError("--resume needs --json FILE: the state of an interrupted run is kept in FILE.partial")
+    if args.command != "analyze" or not args.json or args.json == "-" or getattr(args, "distributed", False):
+        return None
+    return state_path(args.json)
 
 
 def cmd_compare(args) -> int:
@@ -440,7 +480,7 @@ def cmd_curve(args) -> int:
     with Progress(args.quiet) as progress:
         curves, figures = run_curve(args.runs, every=args.every, rtol=args.rtol, seed=args.seed, batch_size=args.batch_size,
                                     out=args.out, resume=args.resume, progress=progress,
-                                    distributed=args.distributed, device=args.device)
+                                    distributed=args.distributed, device=args.device, loss=args.loss)
     rows = [row for name, points in curves.items() for row in curve_rows(name, points)]
     print(text_table(CURVE_HEADER, rows))
     for figure in figures:

@@ -39,13 +39,13 @@ def sharpness_curve(run_dir: str | Path, bundle: DataBundle, settings: AnalysisS
 
 def run_curve(runs: Sequence[str], *, every: int = 1, rtol: float = 0.05, seed: int = 0, batch_size: int = 512,
               out: str | None = None, resume: bool = False, progress=None, distributed: bool = False,
-              device: str = "cpu") -> tuple[dict, list]:
+              device: str = "cpu", loss: str = "cross_entropy") -> tuple[dict, list]:
     """Curves of several run folders on their own training data; with ``out``, each run's curve is
     saved atomically as it finishes (``resume`` reuses saved ones) and the figure is drawn
     (by rank 0 alone when ``distributed``)."""
     from ..operators.distributed import is_main_process
 
-    settings = AnalysisSettings(seed=seed, batch_size=batch_size, distributed=distributed, device=device)
+    settings = AnalysisSettings(seed=seed, batch_size=batch_size, distributed=distributed, device=device, loss=loss)
     if not is_main_process():
         out = None
     curves = {}

@@ -13,11 +13,16 @@ def analysis_rows(analysis: Mapping) -> list[list[str]]:
     """Rows (quantity, value ± 95% half-width, what the error bar is, HVPs, seed) for one analysis:
     the exact losses, then each analysis of the registry that has results, then the totals."""
     a = as_dict(analysis)
+    loss = a.get("settings", {}).get("loss", "cross_entropy")
+    loss_note = "" if loss == "cross_entropy" else f", loss {loss}"
     rows = [
         ["parameters", str(a["dim"]), "", "", ""],
-        ["train loss / acc", f"{fmt(a['train_loss'])} / {fmt(a['train_acc'])}", f"exact, n={a['n_train']}", "", ""],
-        ["test loss / acc", f"{fmt(a['test_loss'])} / {fmt(a['test_acc'])}", f"exact, n={a['n_test']}", "", ""],
+        ["train loss / acc", f"{fmt(a['train_loss'])} / {fmt(a['train_acc'])}", f"exact, n={a['n_train']}{loss_note}",
+         "", ""],
     ]
+    if a["n_test"]:
+        rows.append(["test loss / acc", f"{fmt(a['test_loss'])} / {fmt(a['test_acc'])}",
+                     f"exact, n={a['n_test']}{loss_note}", "", ""])
     for analysis_kind in REGISTRY.values():
         rows += analysis_kind.rows(a)
     rows.append(["total HVPs / wall time", f"{a['hvps']} / {a['wall_time_s']:.1f} s", "", "", ""])
@@ -39,7 +44,7 @@ def comparison_rows(comparison: Mapping, bounds: Mapping[str, Mapping] | None = 
     for p in c["pairs"]:
         rows.append([f"{p['b']} − {p['a']}", pm(p["difference"], Z95 * p["stderr"]),
                      f"{100 * p['relative_change']:+.1f}% ± {100 * Z95 * p['relative_change_stderr']:.1f}%",
-                     fmt(Z95 * p["independent_stderr"], 2), f"{p['tightening']:.1f}×", ""])
+                     fmt(Z95 * p["independent_stderr"], 2), f"{float(p['tightening']):.1f}×", ""])
     if bounds is None:
         return rows
     parts = {name: as_dict(b) for name, b in bounds.items()}

@@ -4,9 +4,10 @@ from .base import LinearOperator
 from .empirical_risk import EmpiricalRisk
 from .gauss_newton import FisherOperator, GGNOperator, UnsupportedLossError
 from .hessian import HessianOperator
+from .recording import MonitoredOperator, RecordingOperator
 from .params import ParameterBlock, ParameterSelectionError, select_parameters
 
 __all__ = [
-    "DenseOperator", "EmpiricalRisk", "FisherOperator", "GGNOperator", "HessianOperator", "LinearOperator", "ParameterBlock", "ParameterSelectionError", "ScipyOperator", "UnsupportedLossError",
+    "DenseOperator", "EmpiricalRisk", "FisherOperator", "GGNOperator", "HessianOperator", "LinearOperator", "MonitoredOperator", "ParameterBlock", "ParameterSelectionError", "RecordingOperator", "ScipyOperator", "UnsupportedLossError",
     "as_operator", "select_parameters", "to_scipy",
 ]

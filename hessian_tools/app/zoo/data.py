@@ -15,8 +15,11 @@ Data specs (:func:`load_data`):
 * :func:`synthetic_text` (no spec: its inputs are dicts, see :class:`TextData`) — seeded token
   sequences with padding masks for the transformer classifier of :mod:`.transformer`;
 * options as a query string: ``builtin:digits-finetune?per_class=20&seed=1``;
-* ``module:function`` (or ``path/file.py:function``) — ``function()`` returns a :class:`DataBundle`
-  or a dict ``{"train": (X, y), "test": (X, y), "num_classes": int}``.
+* ``module:function`` (or ``path/file.py:function``) — ``function()`` returns what
+  :func:`bundle_from_factory` accepts (see there): a :class:`DataBundle`, a dict
+  ``{"train": ..., "test": ..., "num_classes": int}``, a ``(train, test)`` pair of datasets/loaders,
+  or the training data alone, each split an ``(X, y)`` pair of tensors, a
+  ``torch.utils.data.Dataset``, a ``DataLoader`` or any re-iterable of batches.
 """
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ import dataclasses
 import gzip
 import importlib.resources
 from functools import lru_cache
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ...errors import DataError
+from ...operators.data_source import BatchSource
 from .models import load_factory
 
 __all__ = [
@@ -41,66 +46,188 @@ __all__ = [
     "synthetic_classification",
     "synthetic_text",
     "TextData",
+    "Batches",
+    "bundle_from_factory",
     "load_data",
     "batches",
     "BUILTIN_DATA",
 ]
 
-Split = tuple[torch.Tensor, torch.Tensor]
+Split = tuple[Any, torch.Tensor]
+
+ONE_SHOT = ("cannot be passed over twice, but every Hessian-vector product makes a full pass over the data: "
+            "return a re-iterable instead (a list of batches, a Dataset or a DataLoader)")
+
+
+class Batches:
+    """A split given as batches rather than tensors: a ``torch.utils.data.Dataset`` (batched by a
+    ``DataLoader`` at the analysis' batch size, in order), a ``DataLoader`` (used as it is) or any
+    re-iterable of batches (a list, an object whose ``__iter__`` starts afresh).
+
+    A batch is ``(inputs, targets)`` or a dict holding ``labels`` with the model's keyword inputs;
+    inputs are a tensor, a tuple of tensors (passed positionally) or a dict of tensors (keyword
+    arguments, e.g. ``input_ids``/``attention_mask``); see
+    :mod:`hessian_tools.operators.data_source`. A one-shot iterator is refused.
+    """
+
+    def __init__(self, source: Any, where: str):
+        if isinstance(source, Iterator):
+            raise DataError(f"{where} is a one-shot iterator that {ONE_SHOT}")
+        try:
+            iter(source)
+        except TypeError:
+            if not isinstance(source, torch.utils.data.Dataset):
+                raise DataError(f"{where} is a {type(source).__name__}, not data: give (X, y) tensors, a Dataset, "
+                                "a DataLoader or a list of batches") from None
+        self.source = source
+        self.where = where
+        self._total: int | None = None
+
+    def batched(self, batch_size: int) -> Any:
+        """The re-iterable of batches the data loop streams."""
+        if isinstance(self.source, torch.utils.data.Dataset) and not isinstance(self.source, torch.utils.data.DataLoader):
+            return torch.utils.data.DataLoader(self.source, batch_size=int(batch_size), shuffle=False)
+        return self.source
+
+    def count(self, batch_size: int = 512) -> int:
+        """The number of samples (one pass over the data, remembered)."""
+        if self._total is None:
+            try:
+                self._total = BatchSource(self.batched(batch_size)).total
+            except DataError as exc:
+                raise DataError(f"{self.where}: {exc}") from None
+        return self._total
+
+
+def is_batches(split: Any) -> bool:
+    """True for what :class:`Batches` wraps (as opposed to one ``(X, y)`` pair of arrays)."""
+    if isinstance(split, (Batches, torch.utils.data.Dataset, Iterator)):
+        return True
+    if isinstance(split, (tuple, list)):
+        return not (len(split) == 2 and _is_targets(split[1]))
+    return hasattr(split, "__iter__") and not _is_array(split)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value; compare by identity
 class DataBundle:
-    """Train and test tensors of a classification task. ``X`` is float32, ``y`` int64 in [0, num_classes)."""
+    """Train and test data of a task.
 
-    train: Split
-    test: Split
-    num_classes: int
+    Each split is an ``(X, y)`` pair — ``X`` a tensor (cast to float32), a tuple or a dict of
+    tensors (kept as they are: token ids stay integers) sharing the leading dimension, ``y`` the
+    targets — or :class:`Batches`. With ``num_classes`` (an integer ≥ 2) tensor targets are class
+    labels, int64 in [0, num_classes); ``num_classes=None`` leaves the targets as they are (e.g.
+    regression targets for ``--loss mse``). ``test`` may be None (no held-out data).
+    """
+
+    train: Any
+    test: Any
+    num_classes: int | None
     name: str = "data"
 
     def __post_init__(self):
-        train = _as_split(self.train, "train", self.name)
-        test = _as_split(self.test, "test", self.name)
+        if self.num_classes is not None:
+            if int(self.num_classes) != self.num_classes or int(self.num_classes) < 2:
+                raise DataError(f"{self.name}: num_classes must be an integer ≥ 2, got {self.num_classes!r}")
+            object.__setattr__(self, "num_classes", int(self.num_classes))
+        train = _as_split(self.train, "train", self.name, self.num_classes)
+        test = None if self.test is None else _as_split(self.test, "test", self.name, self.num_classes)
         object.__setattr__(self, "train", train)
         object.__setattr__(self, "test", test)
-        if int(self.num_classes) != self.num_classes or int(self.num_classes) < 2:
-            raise DataError(f"{self.name}: num_classes must be an integer ≥ 2, got {self.num_classes!r}")
-        object.__setattr__(self, "num_classes", int(self.num_classes))
-        if train[0].shape[1:] != test[0].shape[1:]:
+        if isinstance(train[0] if isinstance(train, tuple) else None, torch.Tensor) and isinstance(test, tuple) \
+                and isinstance(test[0], torch.Tensor) and train[0].shape[1:] != test[0].shape[1:]:
             raise DataError(f"{self.name}: train samples have shape {tuple(train[0].shape[1:])} but test samples {tuple(test[0].shape[1:])}")
-        for which, (_, y) in (("train", train), ("test", test)):
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise DataError(f"{self.name}: {which} labels span [{int(y.min())}, {int(y.max())}], outside [0, {self.num_classes - 1}]")
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        """The shape of one sample (e.g. ``(1, 8, 8)``)."""
-        return tuple(int(s) for s in self.train[0].shape[1:])
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one sample (e.g. ``(1, 8, 8)``); None unless the training inputs are one tensor."""
+        if isinstance(self.train, tuple) and isinstance(self.train[0], torch.Tensor):
+            return tuple(int(s) for s in self.train[0].shape[1:])
+        return None
+
+    def train_batches(self, batch_size: int) -> Any:
+        """The training data as a re-iterable of batches of (at most) ``batch_size`` samples for
+        tensors and Datasets; a DataLoader or list of batches keeps its own batches."""
+        return _batched(self.train, batch_size)
+
+    def test_batches(self, batch_size: int) -> Any:
+        """The test data like :meth:`train_batches`; None without test data."""
+        return None if self.test is None else _batched(self.test, batch_size)
+
+    @property
+    def n_train(self) -> int:
+        return _count(self.train)
+
+    @property
+    def n_test(self) -> int:
+        return 0 if self.test is None else _count(self.test)
 
 
-def _as_split(split: Any, which: str, name: str) -> Split:
-    if not isinstance(split, (tuple, list)) or len(split) != 2:
-        raise DataError(f"{name}: {which} must be a pair (X, y), got {type(split).__name__}")
+def _batched(split: Any, batch_size: int) -> Any:
+    return split.batched(batch_size) if isinstance(split, Batches) else batches(*split, batch_size)
+
+
+def _count(split: Any) -> int:
+    return split.count() if isinstance(split, Batches) else int(split[1].shape[0])
+
+
+def _is_array(obj: Any) -> bool:
+    return isinstance(obj, (torch.Tensor, np.ndarray))
+
+
+def _is_targets(obj: Any) -> bool:
+    """Targets of an (X, y) pair: an array, or a list of numbers (a batch would be a tuple or dict)."""
+    if _is_array(obj):
+        return True
+    return isinstance(obj, list) and (not obj or isinstance(obj[0], (int, float, np.number)))
+
+
+def _as_split(split: Any, which: str, name: str, num_classes: int | None) -> Any:
+    if isinstance(split, Batches):
+        return split
+    if is_batches(split):
+        return Batches(split, f"{name}: the {which} data")
     X, y = split
     try:
-        X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
-        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+        y = _tensor(y)
+        X = {k: _tensor(v) for k, v in X.items()} if isinstance(X, Mapping) else \
+            tuple(_tensor(v) for v in X) if isinstance(X, tuple) else _tensor(X)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{name}: {which} (X, y) cannot be turned into tensors ({exc})") from None
-    if X.ndim < 2:
-        raise DataError(f"{name}: {which} X must have a batch dimension and features, got shape {tuple(X.shape)}")
-    if y.ndim != 1 or y.shape[0] != X.shape[0]:
-        raise DataError(f"{name}: {which} y must have shape ({X.shape[0]},), got {tuple(y.shape)}")
-    if X.shape[0] == 0:
-        raise DataError(f"{name}: the {which} split is empty")
-    if y.dtype.is_floating_point:
-        if not torch.equal(y, y.round()):
-            raise DataError(f"{name}: {which} labels must be integers (class indices)")
-    X = X.to(torch.float32)
-    y = y.to(torch.int64)
-    if not torch.isfinite(X).all():
-        raise DataError(f"{name}: {which} X contains NaN or infinite values")
+    _check_samples(X, y, which, name)
+    if num_classes is not None:
+        y = _labels(y, which, name, num_classes)
+    if isinstance(X, torch.Tensor):
+        X = X.to(torch.float32)
+        if not torch.isfinite(X).all():
+            raise DataError(f"{name}: {which} X contains NaN or infinite values")
     return X, y
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+def _check_samples(X: Any, y: torch.Tensor, which: str, name: str) -> None:
+    columns = X.items() if isinstance(X, Mapping) else enumerate(X) if isinstance(X, tuple) else [(None, X)]
+    if y.ndim < 1 or y.shape[0] == 0:
+        raise DataError(f"{name}: the {which} split is empty" if y.ndim else f"{name}: {which} y has no sample dimension")
+    for key, column in columns:
+        where = "X" if key is None else f"X[{key!r}]"
+        if column.ndim < (2 if key is None else 1):
+            raise DataError(f"{name}: {which} {where} must have a batch dimension and features, got shape {tuple(column.shape)}")
+        if column.shape[0] != y.shape[0]:
+            raise DataError(f"{name}: {which} y must have shape ({column.shape[0]},), got {tuple(y.shape)}")
+
+
+def _labels(y: torch.Tensor, which: str, name: str, num_classes: int) -> torch.Tensor:
+    if y.ndim != 1:
+        raise DataError(f"{name}: {which} class labels y must have shape (n,), got {tuple(y.shape)}")
+    if y.dtype.is_floating_point and not torch.equal(y, y.round()):
+        raise DataError(f"{name}: {which} labels must be integers (class indices)")
+    y = y.to(torch.int64)
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise DataError(f"{name}: {which} labels span [{int(y.min())}, {int(y.max())}], outside [0, {num_classes - 1}]")
+    return y
 
 
 @lru_cache(maxsize=1)
@@ -232,29 +359,65 @@ def load_data(spec: str) -> DataBundle:
         raise
     except Exception as exc:  # noqa: BLE001 — the user's loader failed; say so in one line
         raise DataError(f"data loader {spec} raised {type(exc).__name__}: {exc}") from None
+    return bundle_from_factory(out, spec)
+
+
+def bundle_from_factory(out: Any, spec: str) -> DataBundle:
+    """The :class:`DataBundle` of what a ``--data module:function`` factory returned.
+
+    Accepted: a :class:`DataBundle`; a dict ``{"train": split, "test": split, "num_classes": C}``
+    (``test`` optional for batched splits; ``num_classes`` optional for them, and None for
+    non-class targets); a ``(train, test)`` pair of Datasets/DataLoaders; or the training data
+    alone (a Dataset, a DataLoader or a list/re-iterable of batches; no test data then). A split is
+    an ``(X, y)`` pair of tensors (``X`` a tensor, or a tuple/dict of tensors) or batches as
+    :class:`Batches` describes them. A generator's one-shot iterator is refused: it cannot be
+    passed over twice.
+    """
+    where = f"data loader {spec}"
     if isinstance(out, DataBundle):
         return out
-    if isinstance(out, dict):
-        missing = [k for k in ("train", "test", "num_classes") if k not in out]
-        if missing:
-            raise DataError(f"data loader {spec} returned a dict without {', '.join(missing)}; it needs train, test, num_classes")
-        return DataBundle(out["train"], out["test"], out["num_classes"], str(out.get("name", spec)))
-    raise DataError(f"data loader {spec} returned {type(out).__name__}; return a DataBundle or a dict with train, test, num_classes")
+    if isinstance(out, Iterator):
+        raise DataError(f"{where} returned a {type(out).__name__}, a one-shot iterator that {ONE_SHOT}")
+    if isinstance(out, Mapping):
+        return _bundle_from_dict(out, spec)
+    if _is_loader_pair(out):
+        return DataBundle(out[0], out[1], None, spec)
+    if is_batches(out) and not isinstance(out, (str, bytes)):
+        return DataBundle(Batches(out, f"{where}: the training data"), None, None, spec)
+    raise DataError(f"{where} returned {type(out).__name__}; return a DataBundle, a dict with train, test, "
+                    "num_classes, a Dataset, a DataLoader or a list of batches")
 
 
-def batches(X: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor, batch_size: int,
+def _bundle_from_dict(out: Mapping, spec: str) -> DataBundle:
+    if "train" not in out:
+        raise DataError(f"data loader {spec} returned a dict without train; it needs train, test, num_classes")
+    required = () if is_batches(out["train"]) else ("test", "num_classes")
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise DataError(f"data loader {spec} returned a dict without {', '.join(missing)}; it needs train, test, num_classes")
+    return DataBundle(out["train"], out.get("test"), out.get("num_classes"), str(out.get("name", spec)))
+
+
+def _is_loader_pair(out: Any) -> bool:
+    """A ``(train, test)`` tuple of Datasets/DataLoaders (not one batch nor a list of batches)."""
+    return isinstance(out, tuple) and len(out) == 2 and all(
+        isinstance(part, torch.utils.data.Dataset) or isinstance(part, torch.utils.data.DataLoader) for part in out)
+
+
+def batches(X: torch.Tensor | tuple | dict[str, torch.Tensor], y: torch.Tensor, batch_size: int,
             generator: torch.Generator | None = None) -> list[tuple[Any, torch.Tensor]]:
     """Split (X, y) into consecutive mini-batches of ``batch_size``; the last, smaller batch is kept.
 
     ``X`` is a tensor, or a dict of tensors sharing the leading (sample) dimension — model inputs
     passed as keyword arguments, as ``{"input_ids": ..., "attention_mask": ...}`` — and every batch
-    then holds a dict of the same keys. With a ``generator`` the samples are shuffled first
+    then holds a dict of the same keys — or a tuple of tensors (positional inputs), and every batch
+    then holds a tuple. With a ``generator`` the samples are shuffled first
     (``torch.randperm(..., generator=generator)``).
     """
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     n = y.shape[0]
-    columns = X if isinstance(X, dict) else {None: X}
+    columns = X if isinstance(X, Mapping) else dict(enumerate(X)) if isinstance(X, tuple) else {None: X}
     for key, column in columns.items():
         if column.shape[0] != n:
             where = "" if key is None else f"[{key!r}]"
@@ -266,7 +429,9 @@ def batches(X: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor, batch_si
 
     def rows(start: int):
         piece = {k: v[start:start + b] for k, v in columns.items()}
-        return piece if isinstance(X, dict) else piece[None]
+        if isinstance(X, Mapping):
+            return piece
+        return tuple(piece.values()) if isinstance(X, tuple) else piece[None]
 
     return [(rows(i), y[i:i + b]) for i in range(0, n, b)]
 
