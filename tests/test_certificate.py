@@ -158,7 +158,7 @@ def tiny_mlp():
     op = HessianOperator(model, loss_fn, (X, y), dtype=torch.float64)
     w = op.flat_parameters()
     w0 = w + 0.3 * torch.randn(op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    exact_trace = {"sketch": op.dim, "max_hvps": 2 * op.dim + 2}  # Hutch++ with a full sketch: exact
+    exact_trace = {"method": "hutchpp", "sketch": op.dim, "max_hvps": 2 * op.dim + 2}  # Hutch++, full sketch: exact
     return op, op.dense(), w, w0, exact_trace
 
 

@@ -65,12 +65,14 @@ def test_stderr_shrinks_with_budget(spectrum):
     assert rms(large) < rms(small)
 
 
-@pytest.mark.parametrize("max_hvps", [12, 13, 30])
-def test_exact_on_low_rank(max_hvps):
+@pytest.mark.parametrize("max_hvps, error_bar", [(12, "exchangeable"), (13, "exchangeable"), (30, "exchangeable"),
+                                                  (14, "jackknife"), (15, "jackknife"), (30, "jackknife")])
+def test_exact_on_low_rank(max_hvps, error_bar):
     g = torch.Generator().manual_seed(1)
     U, _ = torch.linalg.qr(torch.randn(200, 5, generator=g, dtype=torch.float64))
     L = (U * torch.tensor([5.0, 3.0, -2.0, 1.0, 0.5], dtype=torch.float64)) @ U.T
-    result = xtrace(L, max_hvps=max_hvps, seed=0)  # s - 1 ≥ rank = 5
+    # exact once s − 1 ≥ rank = 5; the jackknife's leave-two-out sketches need s − 2 ≥ rank
+    result = xtrace(L, max_hvps=max_hvps, seed=0, error_bar=error_bar)
     assert result.estimate == pytest.approx(7.5, abs=1e-10)
     assert result.stderr < 1e-10
     assert result.hvps == 2 * (max_hvps // 2)
@@ -126,7 +128,7 @@ def test_hvp_count_determinism_and_dispatch(spectrum, mlp):
     assert (op.hvps - before[0], op.passes - before[1]) == (20, 2)
 
 
-@pytest.mark.parametrize("bad", [0, 3, -4, 10.0, True, None])
+@pytest.mark.parametrize("bad", [0, 3, -4, 10.0, True, "100"])  # None: the default budget
 def test_bad_budget_raises(spectrum, bad):
     with pytest.raises(ValueError):
         xtrace(spectrum[0], max_hvps=bad)
