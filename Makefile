@@ -50,7 +50,10 @@ venv: $(STAMP_TEST)
 demo: $(STAMP_CORE)
 	$(VENV)/bin/hessian-tools demo --out reports/demo
 
+# Lint and format are checked first: a failing check stops the run before the tests.
 test: $(STAMP_TEST)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 # The full comparison (~50 min on 2 cores; `make bench BENCH_ARGS=--quick` for a 30-second smoke run).

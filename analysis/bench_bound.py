@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from hessian_tools.bounds import fold_batchnorm, optimised_certificate  # noqa: E402
 from hessian_tools.app.checkpoints import load_state_dict  # noqa: E402
 from hessian_tools.app.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from hessian_tools.app.runs import TrainConfig, build_run_model, recipe_trainer, train  # noqa: E402
 from hessian_tools.app.zoo.data import load_data  # noqa: E402
+from hessian_tools.bounds import fold_batchnorm, optimised_certificate  # noqa: E402
 from hessian_tools.estimators.probes import gaussian_rows  # noqa: E402
 from hessian_tools.seeding import seeded_generator  # noqa: E402
 from hessian_tools.stability import PerturbedEvaluator  # noqa: E402

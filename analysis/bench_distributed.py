@@ -13,6 +13,7 @@ all_reduce of each of the P gradient tensors, its backward during the second aut
 all_reduce of each of the P HVP pieces: 3·P collectives of 3·dim values in the model dtype; it
 does no collective when world_size is 1).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -79,11 +80,20 @@ def rank_main(out_path: str) -> None:
         B = int(batches_per_rank)
         theirs_c = 0 if world == 1 else K * B * 3 * n_tensors
         theirs_b = 0 if world == 1 else K * B * 3 * op.dim * itemsize
-        json.dump({
-            "world": world, "dim": op.dim, "tensors": n_tensors, "seconds": sorted(times)[len(times) // 2],
-            "ours_collectives": op.reducer.collectives - before_c, "ours_bytes": op.reducer.bytes_reduced - before_b,
-            "theirs_collectives": theirs_c, "theirs_bytes": theirs_b, "batches_per_rank": B,
-        }, open(out_path, "w"))
+        json.dump(
+            {
+                "world": world,
+                "dim": op.dim,
+                "tensors": n_tensors,
+                "seconds": sorted(times)[len(times) // 2],
+                "ours_collectives": op.reducer.collectives - before_c,
+                "ours_bytes": op.reducer.bytes_reduced - before_b,
+                "theirs_collectives": theirs_c,
+                "theirs_bytes": theirs_b,
+                "batches_per_rank": B,
+            },
+            open(out_path, "w"),
+        )
     dist.destroy_process_group()
 
 
@@ -94,11 +104,26 @@ def free_port() -> int:
 
 
 def launch(world: int, out_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(out_path)], cwd=str(ROOT),
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--rank", str(out_path)],
+            cwd=str(ROOT),
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(world)
+    ]
     deadline = time.monotonic() + TIMEOUT_S
     try:
         for p in procs:
@@ -109,7 +134,9 @@ def launch(world: int, out_path: Path) -> dict:
                 p.kill()
                 p.wait()
     if any(p.returncode != 0 for p in procs):
-        raise RuntimeError(f"world size {world}: a rank failed (return codes {[p.returncode for p in procs]})")
+        raise RuntimeError(
+            f"world size {world}: a rank failed (return codes {[p.returncode for p in procs]})"
+        )
     return json.loads(out_path.read_text())
 
 
@@ -163,8 +190,13 @@ def main() -> None:
         "(a ring all_reduce sends ≈ 2(W−1)/W of it per rank).",
         "",
         f"With {os.cpu_count()} cores, more processes than cores oversubscribe them, so no speed-up is expected "
-        "beyond that many processes" + (f"; the load average of {load:.1f} at the start means other work shared the "
-                                        "cores and the timings are noisy." if load > 1.5 else "."),
+        "beyond that many processes"
+        + (
+            f"; the load average of {load:.1f} at the start means other work shared the "
+            "cores and the timings are noisy."
+            if load > 1.5
+            else "."
+        ),
     ]
     text = "\n".join(lines) + "\n"
     out = ROOT / "figures" / "bench_distributed.md"

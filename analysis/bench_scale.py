@@ -37,8 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,13 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
+import scale_models as SM  # noqa: E402
+from bench_peers import fmt, log, machine_info, md_table, status_mb  # noqa: E402
+
 import hessian_tools as ht  # noqa: E402
 from hessian_tools.app.zoo.data import batches as make_batches  # noqa: E402
 from hessian_tools.app.zoo.models import count_parameters, load_factory  # noqa: E402
 from hessian_tools.operators.empirical_risk import call_model, model_output  # noqa: E402
-
-import scale_models as SM  # noqa: E402
-from bench_peers import fmt, log, machine_info, md_table, status_mb  # noqa: E402
 
 CLI_BATCH = 512  # the command line's default --batch-size: 128 images are one batch
 RSS_TARGET_MB = 2.5e9 / 2**20  # 2.5 GB in MiB (status_mb's unit)

@@ -17,6 +17,7 @@ estimator is run at several HVP budgets and seeds. Reported per (model, method, 
         --out figures --tag resnet
     python analysis/diagonal_accuracy.py --quick --out /tmp/dq    # smoke run, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -144,36 +145,61 @@ def measure(name: str, budgets, seeds, quick: bool, n_hessian: int) -> dict:
                 sums = np.array([b.sum for b in r.blocks])
                 sum_se = np.array([b.sum_stderr for b in r.blocks])
                 block_within3.append(float(np.mean(np.abs(sums - exact_blocks) <= 3 * sum_se)))
-            rows.append({
-                "method": method, "budget": budget, "hvps": r.hvps, "seeds": len(seeds),
-                "rel_error": float(np.mean(errors)),
-                "rel_error_sd": float(np.std(errors, ddof=1)) if len(seeds) > 1 else 0.0,
-                "predicted_rel_error": float(np.mean(predicted)), "within3": float(np.mean(within3)),
-                "within1": float(np.mean(within1)), "block_within3": float(np.mean(block_within3)),
-                "seconds": float(np.mean(seconds)),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "budget": budget,
+                    "hvps": r.hvps,
+                    "seeds": len(seeds),
+                    "rel_error": float(np.mean(errors)),
+                    "rel_error_sd": float(np.std(errors, ddof=1)) if len(seeds) > 1 else 0.0,
+                    "predicted_rel_error": float(np.mean(predicted)),
+                    "within3": float(np.mean(within3)),
+                    "within1": float(np.mean(within1)),
+                    "block_within3": float(np.mean(block_within3)),
+                    "seconds": float(np.mean(seconds)),
+                }
+            )
             row = rows[-1]
-            print(f"{name} {method:10s} {budget:5d} HVPs  rel. error {row['rel_error']:.3f} "
-                  f"(predicted {row['predicted_rel_error']:.3f})  within 3σ {row['within3']:.3f}", flush=True)
-    return {"model": name, "dim": op.dim, "n": int(X.shape[0]), "diag_norm": float(np.linalg.norm(d)),
-            **exact, "rows": rows}
+            print(
+                f"{name} {method:10s} {budget:5d} HVPs  rel. error {row['rel_error']:.3f} "
+                f"(predicted {row['predicted_rel_error']:.3f})  within 3σ {row['within3']:.3f}",
+                flush=True,
+            )
+    return {
+        "model": name,
+        "dim": op.dim,
+        "n": int(X.shape[0]),
+        "diag_norm": float(np.linalg.norm(d)),
+        **exact,
+        "rows": rows,
+    }
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "# Hessian diagonal estimators: accuracy against the exact diagonal", "",
-        (f"Run {results['date']}, torch {results['torch']}, {results['threads']} thread(s), "
-         f"load average {results['load_start']:.2f} at start, {results['load_end']:.2f} at end. "
-         f"Seeds {results['seeds']}. Command: `{results['command']}`"), "",
-        ("Relative error ‖d̂ − d‖/‖d‖ (mean ± sd over seeds); *predicted* = √(Σ stderr²)/‖d‖, what "
-         "the error bars claim; *within kσ* = fraction of coordinates with |d̂ᵢ − dᵢ| ≤ k·stderrᵢ (normal "
-         "errors: 99.7%, 68%); *layers* = fraction of per-layer sums within 3·stderr of the exact layer "
-         "trace. The exact diagonal itself costs dim HVPs."), "",
+        "# Hessian diagonal estimators: accuracy against the exact diagonal",
+        "",
+        (
+            f"Run {results['date']}, torch {results['torch']}, {results['threads']} thread(s), "
+            f"load average {results['load_start']:.2f} at start, {results['load_end']:.2f} at end. "
+            f"Seeds {results['seeds']}. Command: `{results['command']}`"
+        ),
+        "",
+        (
+            "Relative error ‖d̂ − d‖/‖d‖ (mean ± sd over seeds); *predicted* = √(Σ stderr²)/‖d‖, what "
+            "the error bars claim; *within kσ* = fraction of coordinates with |d̂ᵢ − dᵢ| ≤ k·stderrᵢ (normal "
+            "errors: 99.7%, 68%); *layers* = fraction of per-layer sums within 3·stderr of the exact layer "
+            "trace. The exact diagonal itself costs dim HVPs."
+        ),
+        "",
     ]
     for problem in results["problems"]:
         lines += [
-            f"## {problem['model']} — {problem['dim']} parameters, n = {problem['n']}", "",
-            _exact_note(problem), "",
+            f"## {problem['model']} — {problem['dim']} parameters, n = {problem['n']}",
+            "",
+            _exact_note(problem),
+            "",
             "| method | HVPs | rel. error | predicted | within 3σ | within 1σ | layers within 3σ | s / run |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -181,16 +207,19 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {row['method']} | {row['hvps']} | {row['rel_error']:.3f} ± {row['rel_error_sd']:.3f} | "
                 f"{row['predicted_rel_error']:.3f} | {row['within3']:.3f} | {row['within1']:.3f} | "
-                f"{row['block_within3']:.2f} | {row['seconds']:.2f} |")
+                f"{row['block_within3']:.2f} | {row['seconds']:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def _exact_note(problem: dict) -> str:
     if "hessian_seconds" in problem:
-        return (f"Exact diagonal: the full Hessian by torch.func ({problem['hessian_seconds']:.0f} s); "
-                f"the GGN identity agrees to {problem['ggn_max_relative_deviation']:.1e} (max deviation / "
-                f"max |H_ii|). Off-diagonal share of ‖H‖_F: {problem['offdiag_frobenius_fraction']:.3f}.")
+        return (
+            f"Exact diagonal: the full Hessian by torch.func ({problem['hessian_seconds']:.0f} s); "
+            f"the GGN identity agrees to {problem['ggn_max_relative_deviation']:.1e} (max deviation / "
+            f"max |H_ii|). Off-diagonal share of ‖H‖_F: {problem['offdiag_frobenius_fraction']:.3f}."
+        )
     return f"Exact diagonal: the GGN identity ({problem['ggn_seconds']:.0f} s; checked on the CNN)."
 
 
@@ -208,12 +237,18 @@ def main(argv=None) -> dict:
     budgets = [int(b) for b in args.budgets.split(",")] if not args.quick else [12]
     seeds = list(range(2 if args.quick else args.seeds))
     results = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "load_start": os.getloadavg()[0], "seeds": seeds,
-        "command": " ".join(["python", "analysis/diagonal_accuracy.py", *(sys.argv[1:] if argv is None
-                                                                          else argv)]),
-        "problems": [measure(name, budgets, seeds, args.quick, 32 if args.quick else args.n)
-                     for name in args.models.split(",")],
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_start": os.getloadavg()[0],
+        "seeds": seeds,
+        "command": " ".join(
+            ["python", "analysis/diagonal_accuracy.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "problems": [
+            measure(name, budgets, seeds, args.quick, 32 if args.quick else args.n)
+            for name in args.models.split(",")
+        ],
     }
     results["load_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)

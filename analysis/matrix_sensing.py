@@ -10,6 +10,7 @@ loss vs step, log scale, mean over seeds with a min–max band). The set-up, and
 objective is the half-MSE while the reported losses are relative, is documented in
 :mod:`hessian_tools.app.experiments.matrix_sensing`.
 """
+
 import sys
 
 from hessian_tools.app.cli import main as cli_main

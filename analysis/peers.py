@@ -16,12 +16,13 @@ Randomness: PyHessian and curvlinops draw probes from the global torch RNG, so e
 with ``torch.manual_seed(seed)``; ours and hessian-eigenthings take ``seed=``; scipy's ``eigsh``
 gets ``v0`` from ``numpy.random.default_rng(seed)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -142,7 +143,9 @@ class Ours(Tool):
     def __init__(self, problem: Problem, backend: str = "func", dtype: torch.dtype | None = None):
         super().__init__(problem)
         self.name = f"ours ({backend})" if backend != "func" else "ours"
-        self.op = ht.HessianOperator(problem.model, problem.criterion, problem.batches, backend=backend, dtype=dtype)
+        self.op = ht.HessianOperator(
+            problem.model, problem.criterion, problem.batches, backend=backend, dtype=dtype
+        )
 
     @property
     def hvps(self) -> int:
@@ -161,12 +164,20 @@ class Ours(Tool):
         return {
             "hutchpp (rtol)": TraceConfig(
                 lambda r, s: ht.trace(op, "hutchpp", rtol=r, max_hvps=cap, seed=s).estimate,
-                [0.02, 0.01, 0.005, 0.0025, 0.001, 0.0005], "rtol"),
-            "hutchpp": TraceConfig(lambda b, s: ht.trace(op, "hutchpp", max_hvps=int(b), seed=s).estimate,
-                                   [b for b in fixed if b >= 6]),
-            "xtrace": TraceConfig(lambda b, s: ht.trace(op, "xtrace", max_hvps=int(b), seed=s).estimate,
-                                  [b for b in fixed if b >= 4]),
-            "hutchinson": TraceConfig(lambda b, s: ht.trace(op, "hutchinson", max_hvps=int(b), seed=s).estimate, fixed),
+                [0.02, 0.01, 0.005, 0.0025, 0.001, 0.0005],
+                "rtol",
+            ),
+            "hutchpp": TraceConfig(
+                lambda b, s: ht.trace(op, "hutchpp", max_hvps=int(b), seed=s).estimate,
+                [b for b in fixed if b >= 6],
+            ),
+            "xtrace": TraceConfig(
+                lambda b, s: ht.trace(op, "xtrace", max_hvps=int(b), seed=s).estimate,
+                [b for b in fixed if b >= 4],
+            ),
+            "hutchinson": TraceConfig(
+                lambda b, s: ht.trace(op, "hutchinson", max_hvps=int(b), seed=s).estimate, fixed
+            ),
         }
 
     def eigen_configs(self, k):
@@ -174,7 +185,11 @@ class Ours(Tool):
         tols = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
         return {
             "eigenvalues (lanczos)": EigenConfig(
-                lambda t, s: np.asarray(ht.eigenvalues(op, k=k, which="LA", tol=t, seed=s, max_hvps=3000).values), tols),
+                lambda t, s: np.asarray(
+                    ht.eigenvalues(op, k=k, which="LA", tol=t, seed=s, max_hvps=3000).values
+                ),
+                tols,
+            ),
         }
 
 
@@ -356,9 +371,11 @@ class Eigenthings(Tool):
         return {
             "trace (hutch++)": TraceConfig(
                 lambda b, s: he.trace(op, num_matvecs=int(b), method="hutch++", seed=s).estimate,
-                _budgets(small, self.problem.dim, 3)),
+                _budgets(small, self.problem.dim, 3),
+            ),
             "hutchinson": TraceConfig(
-                lambda b, s: he.hutchinson(op, num_samples=int(b), seed=s).estimate, small, nested=nested),
+                lambda b, s: he.hutchinson(op, num_samples=int(b), seed=s).estimate, small, nested=nested
+            ),
         }
 
     def eigen_configs(self, k):
@@ -375,8 +392,12 @@ class Eigenthings(Tool):
 PEERS = (PyHessian, Curvlinops, Eigenthings)
 
 
-def make_tools(problem: Problem, peers: bool = True, backends: Sequence[str] = ("func",),
-               log: Callable[[str], None] = print) -> list[Tool]:
+def make_tools(
+    problem: Problem,
+    peers: bool = True,
+    backends: Sequence[str] = ("func",),
+    log: Callable[[str], None] = print,
+) -> list[Tool]:
     """Ours (one tool per backend) and every installed peer, each built on ``problem``."""
     tools: list[Tool] = [Ours(problem, backend=b) for b in backends]
     if peers:

@@ -1,4 +1,5 @@
 """``python -m hessian_tools`` = the ``hessian-tools`` command."""
+
 import sys
 
 from .app.cli import main

@@ -59,7 +59,8 @@ def check_integer(
 
     Python and numpy integers are accepted, booleans never; floats only with ``integral_floats``
     and only when integral (``250.0``, a sample size computed in floating point). ``why`` is
-    appended to the message (e.g. the reason for the minimum)."""
+    appended to the message (e.g. the reason for the minimum).
+    """
     if minimum == 1:
         described = "a positive integer"
     elif minimum == 0:
@@ -106,7 +107,12 @@ def check_unit_interval(name: str, value: Any) -> float:
 def check_open_unit_interval(name: str, value: Any) -> float:
     """A number in the open interval (0, 1) (a confidence δ, a relative tolerance)."""
     return check_number(
-        name, value, minimum=0.0, maximum=1.0, open_minimum=True, open_maximum=True,
+        name,
+        value,
+        minimum=0.0,
+        maximum=1.0,
+        open_minimum=True,
+        open_maximum=True,
         what="a number in the open interval (0, 1)",
     )
 

@@ -12,6 +12,7 @@ Conventions shared by all results:
 * ``stderr`` — one standard error of the estimate (the standard deviation of its sampling
   distribution, estimated from the samples); a 95% confidence interval is ``estimate ± 1.96·stderr``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,9 @@ def result_from_dict(data: dict):
     """Rebuild any result from its ``to_dict()`` form, dispatching on its ``kind``."""
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in RESULT_KINDS:
-        raise ValueError(f"not a serialised result (kind {kind!r}); known kinds: {', '.join(sorted(RESULT_KINDS))}")
+        raise ValueError(
+            f"not a serialised result (kind {kind!r}); known kinds: {', '.join(sorted(RESULT_KINDS))}"
+        )
     return RESULT_KINDS[kind].from_dict(data)
 
 
@@ -115,7 +118,11 @@ class BlockTrace:
     stderr: float
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "estimate": _to_jsonable(self.estimate), "stderr": _to_jsonable(self.stderr)}
+        return {
+            "name": self.name,
+            "estimate": _to_jsonable(self.estimate),
+            "stderr": _to_jsonable(self.stderr),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +245,8 @@ class DiagonalResult(Result):
 
     def to_dict(self, arrays: bool | None = None) -> dict:
         """JSON-ready dict; with ``arrays`` None the per-coordinate arrays are included iff
-        dim ≤ max_serialised_dim."""
+        dim ≤ max_serialised_dim.
+        """
         include = self.dim <= self.max_serialised_dim if arrays is None else arrays
         # drop the arrays before conversion: turning 10⁷ floats into a list only to discard it is slow
         return Result.to_dict(self if include else dataclasses.replace(self, estimate=None, stderr=None))
@@ -414,9 +422,21 @@ class StabilityCurveResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict):
-        return super().from_dict(_tuples(
-            data, "sigmas", "measured", "measured_stderr", "one_sided_stderr", "predicted",
-            "predicted_stderr", "ratio", "ratio_stderr", "taylor_holds", "band"))
+        return super().from_dict(
+            _tuples(
+                data,
+                "sigmas",
+                "measured",
+                "measured_stderr",
+                "one_sided_stderr",
+                "predicted",
+                "predicted_stderr",
+                "ratio",
+                "ratio_stderr",
+                "taylor_holds",
+                "band",
+            )
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,8 +485,11 @@ class CertificateResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict):
-        return super().from_dict(_tuples(data, "sigmas", "grid_bounds", "grid_kl", "grid_mc_errors",
-                                         "grid_mc_stderr", "grid_mc_upper"))
+        return super().from_dict(
+            _tuples(
+                data, "sigmas", "grid_bounds", "grid_kl", "grid_mc_errors", "grid_mc_stderr", "grid_mc_upper"
+            )
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,18 +498,18 @@ class LayerMeasure:
 
     name: str
     size: int
-    dist: float                 # ‖v_i‖ = ‖W_i − W0_i‖
-    trace: float                # T_i, the block's Hessian trace estimate
+    dist: float  # ‖v_i‖ = ‖W_i − W0_i‖
+    trace: float  # T_i, the block's Hessian trace estimate
     trace_stderr: float
-    trace_clipped: bool         # T_i ≤ 0 was clipped to 0
-    sigma: float                # the optimal σ_i of the second-order bound (inf when T_i is clipped)
-    second_order: float         # ‖v_i‖·√(max(T_i, 0)/(nλ))
+    trace_clipped: bool  # T_i ≤ 0 was clipped to 0
+    sigma: float  # the optimal σ_i of the second-order bound (inf when T_i is clipped)
+    second_order: float  # ‖v_i‖·√(max(T_i, 0)/(nλ))
     second_order_stderr: float
-    quadratic_form: float       # v_iᵀ H_i⁺ v_i by Lanczos quadrature
+    quadratic_form: float  # v_iᵀ H_i⁺ v_i by Lanczos quadrature
     quadratic_form_change: float
     quadratic_form_steps: int
     exhausted: bool
-    distance_hessian: float     # √(max(v_iᵀ H_i⁺ v_i, 0)) / √n
+    distance_hessian: float  # √(max(v_iᵀ H_i⁺ v_i, 0)) / √n
 
     def to_dict(self) -> dict:
         return {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -615,8 +638,17 @@ class PosteriorCertificateResult(Result):
 
     @classmethod
     def from_dict(cls, data: dict):
-        data = _tuples(data, "lambda_grid", "prior_groups", "lambdas", "lambda_indices", "group_kl", "layers",
-                       "layer_sigma", "folded_batchnorm")
+        data = _tuples(
+            data,
+            "lambda_grid",
+            "prior_groups",
+            "lambdas",
+            "lambda_indices",
+            "group_kl",
+            "layers",
+            "layer_sigma",
+            "folded_batchnorm",
+        )
         if data.get("history") is not None:
             data["history"] = tuple(tuple(row) for row in _from_jsonable(data["history"]))
         return super().from_dict(data)

@@ -44,10 +44,12 @@ Precision: S(σ) is a small difference of two losses. In float32 each loss carri
 error of ~1e-7·|f|, so for small σ pass ``dtype=torch.float64`` (evaluates a float64 copy of the
 parameters and inputs; sums over batches are always accumulated in float64).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +67,7 @@ __all__ = ["noise_stability", "stability_curve", "PerturbedEvaluator", "TAYLOR_B
 #: The ratio measured/predicted counts as "Taylor holds" while its 95% interval meets this band.
 TAYLOR_BAND = (0.8, 1.25)
 
+
 class PerturbedEvaluator:
     """Evaluate a per-batch mean statistic of ``model`` over all of ``data`` at many parameter
     points ``W + offset_k`` without modifying the model.
@@ -75,11 +78,21 @@ class PerturbedEvaluator:
     modes as the Hessian operator. ``chunk_size`` perturbations share one pass over the data.
     """
 
-    def __init__(self, model: nn.Module, data: Any, params=None, *, mode: str = "eval",
-                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 chunk_size: int | str | None = "auto", max_batch_size: int | None = None):
-        self.risk = EmpiricalRisk(model, None, data, params, mode=mode, dtype=dtype, device=device,
-                                  max_batch_size=max_batch_size)
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        params=None,
+        *,
+        mode: str = "eval",
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        chunk_size: int | str | None = "auto",
+        max_batch_size: int | None = None,
+    ):
+        self.risk = EmpiricalRisk(
+            model, None, data, params, mode=mode, dtype=dtype, device=device, max_batch_size=max_batch_size
+        )
         if chunk_size == "auto":
             chunk_size = max(1, min(64, 1024 // self.risk.source.first()[3]))
         elif chunk_size is not None:
@@ -113,15 +126,18 @@ class PerturbedEvaluator:
         out = torch.empty(K, dtype=torch.float64)
         step = K if self.chunk_size is None else int(self.chunk_size)
         for start in range(0, K, max(step, 1)):
-            block = offsets[start:start + step].to(device=self.device, dtype=self.dtype)
-            out[start:start + block.shape[0]] = self._evaluate_block(statistic, block)
+            block = offsets[start : start + step].to(device=self.device, dtype=self.dtype)
+            out[start : start + block.shape[0]] = self._evaluate_block(statistic, block)
         self.evaluations += K
         return out
 
     # ------------------------------------------------------------------ internals
     def _stacked(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
         k = block.shape[0]
-        return {b.name: self._base[b.name].unsqueeze(0) + block[:, b.slice].reshape(k, *b.shape) for b in self.blocks}
+        return {
+            b.name: self._base[b.name].unsqueeze(0) + block[:, b.slice].reshape(k, *b.shape)
+            for b in self.blocks
+        }
 
     def _evaluate_block(self, statistic: Callable, block: torch.Tensor) -> torch.Tensor:
         k = block.shape[0]
@@ -141,19 +157,25 @@ class PerturbedEvaluator:
                     raise
                 except Exception:  # noqa: BLE001 - vmap cannot trace this model: loop from now on
                     self.use_vmap, batched = False, None
-            return torch.stack([one({n: t[j] for n, t in stacked.items()}, inputs, targets) for j in range(k)])
+            return torch.stack(
+                [one({n: t[j] for n, t in stacked.items()}, inputs, targets) for j in range(k)]
+            )
 
         with risk.computation_mode(), torch.no_grad():
             fixed = risk.fixed_state()
             batched = vmap(one, in_dims=(0, None, None)) if (self.use_vmap and k > 1) else None
-            total, count = risk.weighted_sum(per_batch, torch.zeros(k), "loss at a perturbed point (σ too large?)")
+            total, count = risk.weighted_sum(
+                per_batch, torch.zeros(k), "loss at a perturbed point (σ too large?)"
+            )
         return (total / count).cpu()
 
 
 def _check_samples(n_samples, antithetic: bool) -> int:
     n_samples = check_integer("n_samples", n_samples, 4 if antithetic else 2)
     if antithetic and n_samples % 2:
-        raise ValueError(f"with antithetic=True n_samples counts evaluations in (+U, −U) pairs and must be even, got {n_samples}")
+        raise ValueError(
+            f"with antithetic=True n_samples counts evaluations in (+U, −U) pairs and must be even, got {n_samples}"
+        )
     return n_samples
 
 
@@ -163,8 +185,15 @@ def _loss_statistic(loss_fn: Callable) -> Callable:
     return loss_fn
 
 
-def _measure(evaluator: PerturbedEvaluator, statistic: Callable, base: float, sigma: float, n_samples: int,
-             antithetic: bool, seed: int | None) -> StabilityResult:
+def _measure(
+    evaluator: PerturbedEvaluator,
+    statistic: Callable,
+    base: float,
+    sigma: float,
+    n_samples: int,
+    antithetic: bool,
+    seed: int | None,
+) -> StabilityResult:
     generator, seed = seeded_generator(seed)
     draws = n_samples // 2 if antithetic else n_samples
     Z = gaussian_rows(generator, evaluator.dim, draws)
@@ -186,17 +215,37 @@ def _measure(evaluator: PerturbedEvaluator, statistic: Callable, base: float, si
     else:
         reduction = math.inf if one_sided_stderr > 0 else 1.0
     return StabilityResult(
-        estimate=estimate, stderr=stderr, sigma=sigma, n_samples=n_samples, evaluations=n_samples + 1,
-        antithetic=bool(antithetic), seed=seed, one_sided_stderr=one_sided_stderr,
-        variance_reduction=float(reduction) if antithetic else 1.0, base_loss=base, dim=evaluator.dim,
-        mode=evaluator.mode, samples=tuple(samples.tolist()),
+        estimate=estimate,
+        stderr=stderr,
+        sigma=sigma,
+        n_samples=n_samples,
+        evaluations=n_samples + 1,
+        antithetic=bool(antithetic),
+        seed=seed,
+        one_sided_stderr=one_sided_stderr,
+        variance_reduction=float(reduction) if antithetic else 1.0,
+        base_loss=base,
+        dim=evaluator.dim,
+        mode=evaluator.mode,
+        samples=tuple(samples.tolist()),
     )
 
 
-def noise_stability(model: nn.Module, loss_fn: Callable, data: Any, sigma: float, n_samples: int = 64,
-                    antithetic: bool = True, seed: int | None = 0, params=None, mode: str = "eval", *,
-                    dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                    chunk_size: int | str | None = "auto") -> StabilityResult:
+def noise_stability(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    sigma: float,
+    n_samples: int = 64,
+    antithetic: bool = True,
+    seed: int | None = 0,
+    params=None,
+    mode: str = "eval",
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int | str | None = "auto",
+) -> StabilityResult:
     """Estimate ``E_U[f(W+U)] − f(W)``, ``U ~ N(0, σ²I)`` on the selected parameters (module docstring).
 
     ``n_samples`` perturbed loss evaluations (even, in (+U, −U) pairs, with ``antithetic``), plus one
@@ -208,18 +257,29 @@ def noise_stability(model: nn.Module, loss_fn: Callable, data: Any, sigma: float
     seed = resolve_seed(seed)
     n_samples = _check_samples(n_samples, antithetic)
     statistic = _loss_statistic(loss_fn)
-    evaluator = PerturbedEvaluator(model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size)
+    evaluator = PerturbedEvaluator(
+        model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size
+    )
     base = evaluator.evaluate_base(statistic)
     return _measure(evaluator, statistic, base, sigma, n_samples, antithetic, seed)
 
 
-def _resolve_trace(trace_source, params, seed, trace_kwargs) -> tuple[TraceResult | None, float, float, int, Any]:
+def _resolve_trace(
+    trace_source, params, seed, trace_kwargs
+) -> tuple[TraceResult | None, float, float, int, Any]:
     """(trace result or None, estimate, stderr, hvps, params) from a TraceResult, an operator,
-    a number or an (estimate, stderr) pair."""
+    a number or an (estimate, stderr) pair.
+    """
     from .operators.hessian import HessianOperator
 
     if isinstance(trace_source, TraceResult):
-        return trace_source, float(trace_source.estimate), float(trace_source.stderr), int(trace_source.hvps), params
+        return (
+            trace_source,
+            float(trace_source.estimate),
+            float(trace_source.stderr),
+            int(trace_source.hvps),
+            params,
+        )
     if isinstance(trace_source, HessianOperator):
         from .estimators.trace import trace as estimate_trace
 
@@ -237,11 +297,24 @@ def _resolve_trace(trace_source, params, seed, trace_kwargs) -> tuple[TraceResul
     )
 
 
-def stability_curve(model: nn.Module, loss_fn: Callable, data: Any, sigmas: Sequence[float], trace,
-                    *, n_samples: int = 64, antithetic: bool = True, seed: int | None = 0, params=None,
-                    mode: str = "eval", dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                    chunk_size: int | str | None = "auto", band: tuple[float, float] = TAYLOR_BAND,
-                    trace_kwargs: dict | None = None) -> StabilityCurveResult:
+def stability_curve(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    sigmas: Sequence[float],
+    trace,
+    *,
+    n_samples: int = 64,
+    antithetic: bool = True,
+    seed: int | None = 0,
+    params=None,
+    mode: str = "eval",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int | str | None = "auto",
+    band: tuple[float, float] = TAYLOR_BAND,
+    trace_kwargs: dict | None = None,
+) -> StabilityCurveResult:
     """Measured noise stability next to the second-order prediction σ²/2·Tr(H), for each σ.
 
     ``trace``: a :class:`~hessian_tools.TraceResult` of the Hessian over the same parameters, a
@@ -269,7 +342,9 @@ def stability_curve(model: nn.Module, loss_fn: Callable, data: Any, sigmas: Sequ
     n_samples = _check_samples(n_samples, antithetic)
     statistic = _loss_statistic(loss_fn)
     trace_result, T, T_se, hvps, params = _resolve_trace(trace, params, seed, trace_kwargs)
-    evaluator = PerturbedEvaluator(model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size)
+    evaluator = PerturbedEvaluator(
+        model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size
+    )
     if trace_result is not None and trace_result.blocks:
         names = [b.name for b in trace_result.blocks]
         if names != evaluator.param_names:
@@ -298,11 +373,24 @@ def stability_curve(model: nn.Module, loss_fn: Callable, data: Any, sigmas: Sequ
         holds.append(not (r - Z95 * s_r > hi or r + Z95 * s_r < lo))
     breakdown = next((i for i, h in enumerate(holds) if not h), None)
     return StabilityCurveResult(
-        sigmas=tuple(grid), measured=tuple(measured), measured_stderr=tuple(measured_se),
-        one_sided_stderr=tuple(p.one_sided_stderr for p in points), predicted=tuple(predicted),
-        predicted_stderr=tuple(predicted_se), ratio=tuple(ratio), ratio_stderr=tuple(ratio_se),
-        taylor_holds=tuple(holds), breakdown_index=breakdown,
-        breakdown_sigma=None if breakdown is None else grid[breakdown], trace=T, trace_stderr=T_se,
-        band=(lo, hi), n_samples=n_samples, antithetic=bool(antithetic), seed=seed,
-        evaluations=1 + len(grid) * n_samples, hvps=hvps, base_loss=base,
+        sigmas=tuple(grid),
+        measured=tuple(measured),
+        measured_stderr=tuple(measured_se),
+        one_sided_stderr=tuple(p.one_sided_stderr for p in points),
+        predicted=tuple(predicted),
+        predicted_stderr=tuple(predicted_se),
+        ratio=tuple(ratio),
+        ratio_stderr=tuple(ratio_se),
+        taylor_holds=tuple(holds),
+        breakdown_index=breakdown,
+        breakdown_sigma=None if breakdown is None else grid[breakdown],
+        trace=T,
+        trace_stderr=T_se,
+        band=(lo, hi),
+        n_samples=n_samples,
+        antithetic=bool(antithetic),
+        seed=seed,
+        evaluations=1 + len(grid) * n_samples,
+        hvps=hvps,
+        base_loss=base,
     )

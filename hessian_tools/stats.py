@@ -21,8 +21,10 @@ Z95 = 1.959963984540054  #: two-sided 95% standard normal quantile
 
 def mean_and_stderr(samples) -> tuple[float, float]:
     """Sample mean and its standard error std(ddof=1)/√n (inf for fewer than 2 samples)."""
-    values = samples.detach().double().reshape(-1) if isinstance(samples, torch.Tensor) else torch.as_tensor(
-        np.asarray(samples, dtype=np.float64).reshape(-1)
+    values = (
+        samples.detach().double().reshape(-1)
+        if isinstance(samples, torch.Tensor)
+        else torch.as_tensor(np.asarray(samples, dtype=np.float64).reshape(-1))
     )
     n = values.numel()
     mean = float(values.mean()) if n else math.nan
@@ -48,7 +50,8 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 def column_mean_ci(values) -> tuple[np.ndarray, np.ndarray]:
     """:func:`mean_ci` of every column of ``values`` (runs × points), ignoring non-finite entries
-    (e.g. a diverged run); the half-width is NaN where fewer than 2 runs are finite."""
+    (e.g. a diverged run); the half-width is NaN where fewer than 2 runs are finite.
+    """
     values = np.asarray(values, dtype=float)
     finite = np.isfinite(values)
     n = finite.sum(0)
@@ -63,7 +66,8 @@ def column_mean_ci(values) -> tuple[np.ndarray, np.ndarray]:
 
 def relative_change_ci(new: Sequence[float], base: Sequence[float]) -> tuple[float, float]:
     """mean(new)/mean(base) − 1 and its 95% half-width by the delta method (independent groups):
-    se = |ratio|·√((se_new/m_new)² + (se_base/m_base)²)."""
+    se = |ratio|·√((se_new/m_new)² + (se_base/m_base)²).
+    """
     m_new, m_base = float(np.mean(new)), float(np.mean(base))
     se_new = float(np.std(new, ddof=1)) / math.sqrt(len(new)) if len(new) > 1 else 0.0
     se_base = float(np.std(base, ddof=1)) / math.sqrt(len(base)) if len(base) > 1 else 0.0
@@ -74,7 +78,8 @@ def relative_change_ci(new: Sequence[float], base: Sequence[float]) -> tuple[flo
 
 def paired_relative_change(new: Sequence[float], base: Sequence[float]) -> tuple[float, float, int]:
     """Runs paired by seed: the mean of the per-pair changes new_i/base_i − 1, the half-width of its
-    95% t-interval over pairs, and how many pairs went down (new_i < base_i)."""
+    95% t-interval over pairs, and how many pairs went down (new_i < base_i).
+    """
     new, base = np.asarray(new, dtype=float), np.asarray(base, dtype=float)
     if new.shape != base.shape or new.size == 0:
         raise ValueError(f"need equally many paired values, got {new.size} and {base.size}")

@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules (helpers live in helpers.py)."""
+
 from __future__ import annotations
 
 import importlib
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import PROBLEMS, exact_hessian
 
 torch.set_num_threads(1)  # tiny models: threads only add contention

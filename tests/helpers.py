@@ -1,5 +1,6 @@
 """Shared test helpers: small models whose exact Hessian is computed independently by torch.func.hessian,
 known spectra, and batching. Imported by the test modules (``from helpers import ...``)."""
+
 from __future__ import annotations
 
 import itertools
@@ -11,13 +12,17 @@ from torch.func import functional_call, hessian
 from hessian_tools.operators.adapters import DenseOperator
 from hessian_tools.operators.params import ParameterBlock
 
+
 def exact_hessian(model: nn.Module, loss_fn, X, y, names=None) -> torch.Tensor:
     """∇² of loss_fn(model(X), y) w.r.t. the named parameters, by torch.func.hessian in float64,
     with the model in eval mode. Independent of the operator code under test."""
     model = model.eval()
     params = {n: p.detach().double() for n, p in model.named_parameters() if names is None or n in names}
-    frozen = {n: t.detach().double() if t.is_floating_point() else t
-              for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in params}
+    frozen = {
+        n: t.detach().double() if t.is_floating_point() else t
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if n not in params
+    }
     sizes = [p.numel() for p in params.values()]
 
     def loss(flat):
@@ -85,11 +90,13 @@ def batches(X, y, size):
 def known_spectrum(dim=300, seed=0):
     """A dense symmetric matrix Q diag(λ) Qᵀ with a few outliers, a bulk and negative eigenvalues."""
     g = torch.Generator().manual_seed(seed)
-    lam = torch.cat([
-        torch.tensor([50.0, 20.0, 10.0, 5.0, 2.0]),
-        torch.rand(dim - 15, generator=g, dtype=torch.float64) * 0.5,
-        -torch.rand(10, generator=g, dtype=torch.float64) * 0.3,
-    ]).double()
+    lam = torch.cat(
+        [
+            torch.tensor([50.0, 20.0, 10.0, 5.0, 2.0]),
+            torch.rand(dim - 15, generator=g, dtype=torch.float64) * 0.5,
+            -torch.rand(10, generator=g, dtype=torch.float64) * 0.3,
+        ]
+    ).double()
     Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
     return (Q * lam) @ Q.T, lam
 
@@ -100,7 +107,9 @@ class BlockedDense(DenseOperator):
     def __init__(self, matrix, sizes):
         super().__init__(matrix)
         starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-        self.blocks = tuple(ParameterBlock(f"b{i}", a, b, (b - a,)) for i, (a, b) in enumerate(itertools.pairwise(starts)))
+        self.blocks = tuple(
+            ParameterBlock(f"b{i}", a, b, (b - a,)) for i, (a, b) in enumerate(itertools.pairwise(starts))
+        )
 
 
 def nearest_mean_classifier(n: int, d: int, prior_seed: int, classes: int = 3):

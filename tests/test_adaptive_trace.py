@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
+from helpers import PROBLEMS, exact_hessian, known_spectrum
 
 import hessian_tools as ht
 from hessian_tools.estimators.common import CountingOperator
 from hessian_tools.estimators.epperly2024xtrace import XTraceSketch, _next_stage, xtrace
 from hessian_tools.results import TraceResult
 from hessian_tools.seeding import seeded_generator
-
-from helpers import PROBLEMS, exact_hessian, known_spectrum
 
 RUNS = 200  # coverage runs per matrix
 

@@ -1,11 +1,11 @@
 """Smoke test of analysis/bench_peers.py: the --quick settings, ours only (peers skipped), every
 section, and the report written with the expected tables and columns."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from conftest import import_analysis_script
 
 
@@ -19,8 +19,15 @@ def test_quick_run_writes_the_report(bench, tmp_path):
     report = (tmp_path / "bench_peers.md").read_text()
     header = "| " + " | ".join(bench.TRACE_COLUMNS) + " |"
     assert header in report
-    for title in ("## Ground truth", "## Targets", "## 1. Trace", "## 2. Top eigenvalues", "## 3. One block of K HVPs",
-                  "## 4. Peak memory", "## 5. Time per HVP"):
+    for title in (
+        "## Ground truth",
+        "## Targets",
+        "## 1. Trace",
+        "## 2. Top eigenvalues",
+        "## 3. One block of K HVPs",
+        "## 4. Peak memory",
+        "## 5. Time per HVP",
+    ):
         assert title in report, title
     assert "| " + " | ".join(bench.EIGEN_COLUMNS) + " |" in report
     for name in ("trace", "eigen", "hvp", "memory", "scaling"):
@@ -30,7 +37,10 @@ def test_quick_run_writes_the_report(bench, tmp_path):
     # the exact trace (GGN identity) agrees with the dense Hessian's trace on the small models
     for info in data["truth"].values():
         if info["check"].startswith("dense"):
-            assert "rel. diff" in info["check"] and float(info["check"].split("rel. diff ")[1].rstrip(")")) < 1e-10
+            assert (
+                "rel. diff" in info["check"]
+                and float(info["check"].split("rel. diff ")[1].rstrip(")")) < 1e-10
+            )
     # only our rows without peers, and ours reaches the easy eigenvalue target
     assert all(row["tool"].startswith("ours") for row in results["trace"]["rows"])
     assert any(row[1e-6] is not None for row in results["eigen"]["rows"])
@@ -53,10 +63,24 @@ def test_diagonal_accuracy_quick_run(tmp_path):
 @pytest.mark.slow
 def test_bound_benchmark_quick_run_writes_its_table(tmp_path):
     bench_bound = import_analysis_script("bench_bound")
-    bench_bound.main(["--quick", "--settings", "fixed50,dd50", "--methods", "sgd", "--out", str(tmp_path),
-                      "--cache", str(tmp_path / "runs")])
+    bench_bound.main(
+        [
+            "--quick",
+            "--settings",
+            "fixed50,dd50",
+            "--methods",
+            "sgd",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "runs"),
+        ]
+    )
     rows = json.loads((tmp_path / "bench_bound.json").read_text())["rows"]
-    assert [(r["setting"], r["method"], r["seed"]) for r in rows] == [("fixed50", "sgd", 0), ("dd50", "sgd", 0)]
+    assert [(r["setting"], r["method"], r["seed"]) for r in rows] == [
+        ("fixed50", "sgd", 0),
+        ("dd50", "sgd", 0),
+    ]
     assert rows[1]["result"]["prior"] == "data-dependent" and rows[1]["result"]["n"] == 125
     for row in rows:
         assert row["result"]["posterior_test_error"] <= row["result"]["bound"] <= 1

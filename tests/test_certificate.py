@@ -1,9 +1,11 @@
 """PAC-Bayes certificate (structure, monotonicity, σ choice, KL, bad input), Hessian measures against
 dense computations, and an end-to-end certificate of a trained network vs one trained on random labels."""
+
 import math
 
 import pytest
 import torch
+from helpers import PROBLEMS, batches, nearest_mean_classifier
 from torch import nn
 from torch.func import functional_call
 
@@ -11,10 +13,8 @@ from hessian_tools import HessianOperator
 from hessian_tools.bounds import pacbayes
 from hessian_tools.bounds.certificate import default_loss_max, pac_bayes_certificate
 from hessian_tools.bounds.measures import hessian_measures
-from hessian_tools.results import BlockTrace, CertificateResult, HessianMeasuresResult, TraceResult
 from hessian_tools.estimators.probes import gaussian_rows
-
-from helpers import PROBLEMS, batches, nearest_mean_classifier
+from hessian_tools.results import BlockTrace, CertificateResult, HessianMeasuresResult, TraceResult
 
 GRID = (0.02, 0.05, 0.1, 0.2, 0.5)
 
@@ -35,12 +35,15 @@ def test_tiny_distance_gives_bound_close_to_mc_bound(separable):
     assert r.n == n and r.n_mc == 64 and r.grid_size == K and r.dim == 27
     assert r.kl < 1e-2 and r.train_loss < 0.05
     # with KL ≈ 0 the bound is the Seeger bound with only the confidence terms
-    no_kl = pacbayes.kl_inverse_upper(r.mc_upper, (math.log(K) + math.log(2 * math.sqrt(n) / r.delta_bound)) / n)
+    no_kl = pacbayes.kl_inverse_upper(
+        r.mc_upper, (math.log(K) + math.log(2 * math.sqrt(n) / r.delta_bound)) / n
+    )
     assert r.bound == pytest.approx(no_kl, rel=1e-3)
     assert r.mc_error <= r.mc_upper <= r.bound < r.mc_upper + 0.05
     # the same numbers through the calculator: δ_mc/K per σ, δ_bound with ln K
-    cert = pacbayes.certificate_bound(r.mc_error, 64, r.kl, n, delta=r.delta_bound + r.delta_mc / K,
-                                      delta_mc=r.delta_mc / K, grid_size=K)
+    cert = pacbayes.certificate_bound(
+        r.mc_error, 64, r.kl, n, delta=r.delta_bound + r.delta_mc / K, delta_mc=r.delta_mc / K, grid_size=K
+    )
     assert r.bound == cert["bound"] and r.mc_upper == cert["emp_risk_upper"] and r.kl_term == cert["kl_term"]
     assert r.delta == 0.05 and r.delta_mc == 0.025 and r.delta_bound == pytest.approx(0.025)
     assert r.delta_mc_per_sigma == pytest.approx(0.025 / K) and r.grid_cost == pytest.approx(math.log(K))
@@ -95,7 +98,9 @@ def test_bounded_ce_loss(separable):
     expected = float(nn.functional.cross_entropy(logits, y, reduction="none").clamp(max=lmax).mean() / lmax)
     assert r.train_loss == pytest.approx(expected, rel=1e-5)
     assert all(0 <= m <= 1 for m in r.grid_mc_errors)
-    custom = pac_bayes_certificate(model, (X, y), prior, sigmas=[0.1], n_mc=8, loss="bounded_ce", loss_max=1.0)
+    custom = pac_bayes_certificate(
+        model, (X, y), prior, sigmas=[0.1], n_mc=8, loss="bounded_ce", loss_max=1.0
+    )
     assert custom.loss_max == 1.0
 
 
@@ -112,7 +117,9 @@ def test_subset_selection_and_model_untouched(separable):
 
 def test_bad_input(separable):
     model, X, y, prior = separable
-    run = lambda **kw: pac_bayes_certificate(model, (X, y), kw.pop("prior", prior), **{"sigmas": [0.1], "n_mc": 4, **kw})  # noqa: E731
+    run = lambda **kw: pac_bayes_certificate(
+        model, (X, y), kw.pop("prior", prior), **{"sigmas": [0.1], "n_mc": 4, **kw}
+    )  # noqa: E731
     for delta in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="delta"):
             run(delta=delta)
@@ -158,7 +165,11 @@ def tiny_mlp():
     op = HessianOperator(model, loss_fn, (X, y), dtype=torch.float64)
     w = op.flat_parameters()
     w0 = w + 0.3 * torch.randn(op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    exact_trace = {"method": "hutchpp", "sketch": op.dim, "max_hvps": 2 * op.dim + 2}  # Hutch++, full sketch: exact
+    exact_trace = {
+        "method": "hutchpp",
+        "sketch": op.dim,
+        "max_hvps": 2 * op.dim + 2,
+    }  # Hutch++, full sketch: exact
     return op, op.dense(), w, w0, exact_trace
 
 
@@ -208,19 +219,32 @@ def test_block_view_of_generic_operator_and_trace_clipping(tiny_mlp):
     n = op.num_samples
     T_blocks = [float(torch.trace(H[b.slice, b.slice])) for b in op.blocks]
     T_blocks[3] = -0.2  # a non-positive block estimate is clipped
-    tr = TraceResult(sum(T_blocks), 0.01, 10, "given", None, 10,
-                     blocks=tuple(BlockTrace(b.name, t, 0.01) for b, t in zip(op.blocks, T_blocks)))
+    tr = TraceResult(
+        sum(T_blocks),
+        0.01,
+        10,
+        "given",
+        None,
+        10,
+        blocks=tuple(BlockTrace(b.name, t, 0.01) for b, t in zip(op.blocks, T_blocks)),
+    )
     r = hessian_measures(Dense(), w0, n=n, weights=w, trace_result=tr, quadrature_steps=64)
     ref = hessian_measures(op, w0, n=n, trace_result=tr, quadrature_steps=64, with_loss=False)
-    assert [layer.quadratic_form for layer in r.layers] == pytest.approx([layer.quadratic_form for layer in ref.layers], rel=1e-8)
+    assert [layer.quadratic_form for layer in r.layers] == pytest.approx(
+        [layer.quadratic_form for layer in ref.layers], rel=1e-8
+    )
     clipped = r.layers[3]
     assert clipped.trace_clipped and clipped.second_order == 0.0 and clipped.sigma == math.inf
     assert clipped.second_order_stderr == pytest.approx(clipped.dist * math.sqrt(0.01 / n))
     assert not any(layer.trace_clipped for layer in r.layers[:3])
-    assert r.second_order == pytest.approx(sum(layer.dist * math.sqrt(layer.trace / n) for layer in r.layers[:3]), rel=1e-12)
+    assert r.second_order == pytest.approx(
+        sum(layer.dist * math.sqrt(layer.trace / n) for layer in r.layers[:3]), rel=1e-12
+    )
     assert r.loss is None and r.trace_hvps == 10
     for layer in r.layers[:3]:  # delta method per layer
-        assert layer.second_order_stderr == pytest.approx(layer.dist * 0.01 / (2 * math.sqrt(n * layer.trace)))
+        assert layer.second_order_stderr == pytest.approx(
+            layer.dist * 0.01 / (2 * math.sqrt(n * layer.trace))
+        )
     with pytest.raises(ValueError, match="weights"):
         hessian_measures(Dense(), w0, n=n, trace_result=tr)
     bad = TraceResult(1.0, 0.0, 1, "given", None, 1, blocks=(BlockTrace("x", 1.0, 0.0),))
@@ -233,7 +257,7 @@ def test_block_view_of_generic_operator_and_trace_clipping(tiny_mlp):
 # --------------------------------------------------------------------------------------------
 # End to end: trained network vs the same network trained on random labels
 # --------------------------------------------------------------------------------------------
-RANDOM_LABELS = '''
+RANDOM_LABELS = """
 import torch
 from hessian_tools.app.zoo.data import DataBundle, digits_finetune
 
@@ -243,32 +267,48 @@ def random_label_finetune():
     g = torch.Generator().manual_seed(123)
     y = torch.randint(0, 5, (b.train[1].shape[0],), generator=g)
     return DataBundle((b.train[0], y), b.test, 5, "digits-finetune-random-labels")
-'''
+"""
 
 
 @pytest.mark.slow
 def test_end_to_end_certificate_non_vacuous_and_random_labels_worse(tmp_path):
     """Pre-train an MLP on digits 0–4, fine-tune it on 5–9 (850 samples); the certificate's prior is
     the fine-tune run's init.pt (pre-trained body + seeded fresh head), independent of those samples."""
-    from hessian_tools.app.zoo.data import load_data
     from hessian_tools.app.checkpoints import load_state_dict
     from hessian_tools.app.runs import TrainConfig, build_run_model, train
+    from hessian_tools.app.zoo.data import load_data
 
-    pre = train(TrainConfig(model="mlp", data="builtin:digits-pretrain", epochs=4, lr=0.05, batch_size=32), tmp_path / "pre")
+    pre = train(
+        TrainConfig(model="mlp", data="builtin:digits-pretrain", epochs=4, lr=0.05, batch_size=32),
+        tmp_path / "pre",
+    )
     factory = tmp_path / "random_labels.py"
     factory.write_text(RANDOM_LABELS)
     results = {}
-    for name, spec in (("true", "builtin:digits-finetune?per_class=170"), ("random", f"{factory}:random_label_finetune")):
-        cfg = TrainConfig(model="mlp", data=spec, epochs=3, lr=0.01, batch_size=32, init_checkpoint=str(pre / "final.pt"))
+    for name, spec in (
+        ("true", "builtin:digits-finetune?per_class=170"),
+        ("random", f"{factory}:random_label_finetune"),
+    ):
+        cfg = TrainConfig(
+            model="mlp", data=spec, epochs=3, lr=0.01, batch_size=32, init_checkpoint=str(pre / "final.pt")
+        )
         run = train(cfg, tmp_path / name)
         model = build_run_model(run, "final.pt")
         X, y = load_data(spec).train
-        results[name] = pac_bayes_certificate(model, (X, y), load_state_dict(run / "init.pt"),
-                                              sigmas=(0.03, 0.06, 0.1, 0.18, 0.3), n_mc=256, seed=0)
+        results[name] = pac_bayes_certificate(
+            model,
+            (X, y),
+            load_state_dict(run / "init.pt"),
+            sigmas=(0.03, 0.06, 0.1, 0.18, 0.3),
+            n_mc=256,
+            seed=0,
+        )
     true, rand = results["true"], results["random"]
     for name, r in results.items():
-        print(f"{name}: bound={r.bound:.3f} sigma={r.sigma:.3g} KL={r.kl:.1f} mc_error={r.mc_error:.3f} "
-              f"mc_upper={r.mc_upper:.3f} train_error={r.train_loss:.3f} n={r.n}")
+        print(
+            f"{name}: bound={r.bound:.3f} sigma={r.sigma:.3g} KL={r.kl:.1f} mc_error={r.mc_error:.3f} "
+            f"mc_upper={r.mc_upper:.3f} train_error={r.train_loss:.3f} n={r.n}"
+        )
     assert true.n == rand.n == 850
     assert true.bound < 0.85  # non-vacuous (0.78 when written)
     assert rand.bound > true.bound + 0.08  # 0.92 when written

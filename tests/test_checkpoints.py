@@ -5,6 +5,7 @@ plain line.
 Lightning-style files are built by hand (Lightning is not needed): a ``state_dict`` entry with the
 LightningModule's attribute prefix next to the trainer's bookkeeping.
 """
+
 import argparse
 import json
 import sys
@@ -14,6 +15,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cli import assert_one_line_error, run
 from torch import nn
 
 import hessian_tools as ht
@@ -22,7 +24,6 @@ from hessian_tools.app.checkpoints import fit_state_dict, load_checkpoint, load_
 from hessian_tools.app.zoo.data import load_data
 from hessian_tools.app.zoo.models import build_model
 from hessian_tools.errors import CheckpointError
-from test_cli import assert_one_line_error, run
 
 
 class Net(nn.Module):
@@ -75,10 +76,17 @@ def plain_trace(net):
 
 
 def lightning_checkpoint(state_dict, hyper_parameters):
-    return {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "state_dict": state_dict,
-            "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 4}}}}, "callbacks": {},
-            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}],
-            "lr_schedulers": [{"last_epoch": 3}], "hyper_parameters": hyper_parameters}
+    return {
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": state_dict,
+        "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 4}}}},
+        "callbacks": {},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}],
+        "lr_schedulers": [{"last_epoch": 3}],
+        "hyper_parameters": hyper_parameters,
+    }
 
 
 def save_safetensors(state_dict, path):
@@ -98,8 +106,15 @@ def lightning_file_with_ema(net, path):
 
 
 def model_ema_and_optimizer(net, path):
-    torch.save({"model": net.state_dict(), "ema": Wrapper(module=trained_net(9)).state_dict(),
-                "optimizer": torch.optim.SGD(net.parameters(), momentum=0.9).state_dict(), "epoch": 3}, path)
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "ema": Wrapper(module=trained_net(9)).state_dict(),
+            "optimizer": torch.optim.SGD(net.parameters(), momentum=0.9).state_dict(),
+            "epoch": 3,
+        },
+        path,
+    )
 
 
 STRIPPED_MODULE = "stripped prefix 'module.' from 9 keys"
@@ -107,21 +122,42 @@ STRIPPED_MODULE = "stripped prefix 'module.' from 9 keys"
 FORMATS = {
     "plain": (lambda net, p: torch.save(net.state_dict(), p), "plain.pt", None),
     "ddp": (lambda net, p: torch.save(Wrapper(module=net).state_dict(), p), "ddp.pt", STRIPPED_MODULE),
-    "torch.compile": (lambda net, p: torch.save(torch.compile(net).state_dict(), p), "compiled.pt",
-                      "stripped prefix '_orig_mod.' from 9 keys"),
-    "ddp of torch.compile": (lambda net, p: torch.save(Wrapper(module=torch.compile(net)).state_dict(), p),
-                             "ddp_compiled.pt", "stripped prefix 'module._orig_mod.' from 9 keys"),
-    "lightning": (lightning_file, "lightning.ckpt",
-                  "used entry 'state_dict'; stripped prefix 'model.' from 9 keys"),
-    "lightning holding an EMA copy": (lightning_file_with_ema, "lightning_ema.ckpt",
-                                      "also fits: 'state_dict.ema_model.module'"),
-    "AveragedModel": (lambda net, p: torch.save(torch.optim.swa_utils.AveragedModel(net).state_dict(), p),
-                      "swa.pt", "left 1 other tensor(s) of the entry unused, first: n_averaged"),
-    "model, ema and optimizer": (model_ema_and_optimizer, "bundle.pt",
-                                 "used entry 'model'; also fits: 'ema.module'"),
+    "torch.compile": (
+        lambda net, p: torch.save(torch.compile(net).state_dict(), p),
+        "compiled.pt",
+        "stripped prefix '_orig_mod.' from 9 keys",
+    ),
+    "ddp of torch.compile": (
+        lambda net, p: torch.save(Wrapper(module=torch.compile(net)).state_dict(), p),
+        "ddp_compiled.pt",
+        "stripped prefix 'module._orig_mod.' from 9 keys",
+    ),
+    "lightning": (
+        lightning_file,
+        "lightning.ckpt",
+        "used entry 'state_dict'; stripped prefix 'model.' from 9 keys",
+    ),
+    "lightning holding an EMA copy": (
+        lightning_file_with_ema,
+        "lightning_ema.ckpt",
+        "also fits: 'state_dict.ema_model.module'",
+    ),
+    "AveragedModel": (
+        lambda net, p: torch.save(torch.optim.swa_utils.AveragedModel(net).state_dict(), p),
+        "swa.pt",
+        "left 1 other tensor(s) of the entry unused, first: n_averaged",
+    ),
+    "model, ema and optimizer": (
+        model_ema_and_optimizer,
+        "bundle.pt",
+        "used entry 'model'; also fits: 'ema.module'",
+    ),
     "safetensors": (lambda net, p: save_safetensors(net.state_dict(), p), "weights.safetensors", None),
     "safetensors of ddp, any extension": (
-        lambda net, p: save_safetensors(Wrapper(module=net).state_dict(), p), "weights.bin", STRIPPED_MODULE),
+        lambda net, p: save_safetensors(Wrapper(module=net).state_dict(), p),
+        "weights.bin",
+        STRIPPED_MODULE,
+    ),
 }
 
 
@@ -177,14 +213,23 @@ def test_a_prefix_is_not_stripped_when_the_keys_already_fit():
     assert fit.prefix == "module." and list(fit.state_dict) == ["module.weight", "module.bias"]
 
 
-@pytest.mark.parametrize("damage, needle", [
-    (lambda sd: sd.pop("module.bn.running_var"),
-     "1 key(s) missing from the checkpoint, first: bn.running_var"),
-    (lambda sd: sd.__setitem__("module.extra.weight", torch.zeros(2)),
-     "1 unexpected key(s), first: extra.weight"),
-    (lambda sd: sd.__setitem__("module.head.bias", torch.zeros(4)),
-     "1 shape mismatch(es), first: head.bias: checkpoint (4,) vs model (3,)"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (
+            lambda sd: sd.pop("module.bn.running_var"),
+            "1 key(s) missing from the checkpoint, first: bn.running_var",
+        ),
+        (
+            lambda sd: sd.__setitem__("module.extra.weight", torch.zeros(2)),
+            "1 unexpected key(s), first: extra.weight",
+        ),
+        (
+            lambda sd: sd.__setitem__("module.head.bias", torch.zeros(4)),
+            "1 shape mismatch(es), first: head.bias: checkpoint (4,) vs model (3,)",
+        ),
+    ],
+)
 def test_a_partial_fit_after_stripping_is_refused_naming_the_misfit(net, damage, needle):
     state_dict = Wrapper(module=net).state_dict()
     damage(state_dict)
@@ -275,8 +320,10 @@ def test_lightning_checkpoint_with_a_custom_class_explains_the_one_line_resave(n
     message = str(info.value)
     assert "\n" not in message and "\x1b" not in message
     assert f"refused to load {path}" in message and f"{__name__}.Config" in message
-    resave = (f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-              f"torch.save(c['state_dict'], '{tmp_path / 'run.pt'}')\"")
+    resave = (
+        f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+        f"torch.save(c['state_dict'], '{tmp_path / 'run.pt'}')\""
+    )
     assert message.endswith(resave)
 
 
@@ -337,9 +384,22 @@ def cli_files(tmp_path_factory):
 
 
 def analyze_trace(path):
-    proc = run("analyze", str(path), "--model", "mlp", "--data", "builtin:synthetic", "--what", "trace",
-               "--max-hvps", "20", "--json", "-", "--quiet")
-    return json.loads(proc.stdout[proc.stdout.index("{"):])["trace"]["estimate"], proc.stderr
+    proc = run(
+        "analyze",
+        str(path),
+        "--model",
+        "mlp",
+        "--data",
+        "builtin:synthetic",
+        "--what",
+        "trace",
+        "--max-hvps",
+        "20",
+        "--json",
+        "-",
+        "--quiet",
+    )
+    return json.loads(proc.stdout[proc.stdout.index("{") :])["trace"]["estimate"], proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -349,10 +409,16 @@ def cli_plain_trace(cli_files):
     return estimate
 
 
-@pytest.mark.parametrize("name, note", [("ddp.pt", "note: stripped prefix 'module.' from 4 keys"),
-                                        ("model.safetensors", "note: stripped prefix 'model.' from 4 keys")])
+@pytest.mark.parametrize(
+    "name, note",
+    [
+        ("ddp.pt", "note: stripped prefix 'module.' from 4 keys"),
+        ("model.safetensors", "note: stripped prefix 'model.' from 4 keys"),
+    ],
+)
 def test_cli_analyzes_a_wrapped_checkpoint_with_the_same_trace_and_says_what_it_stripped(
-        cli_files, cli_plain_trace, name, note):
+    cli_files, cli_plain_trace, name, note
+):
     estimate, stderr = analyze_trace(cli_files / name)
     assert estimate == cli_plain_trace
     notes = [line for line in stderr.splitlines() if line.startswith("note:")]
@@ -362,6 +428,15 @@ def test_cli_analyzes_a_wrapped_checkpoint_with_the_same_trace_and_says_what_it_
 def test_cli_refuses_an_ambiguous_checkpoint_in_one_line(cli_files, tmp_path):
     plain = torch.load(cli_files / "plain.pt", weights_only=True)
     torch.save({"student": plain, "teacher": plain}, tmp_path / "two.pt")
-    proc = run("analyze", str(tmp_path / "two.pt"), "--model", "mlp", "--data", "builtin:synthetic",
-               "--what", "trace", check=False)
+    proc = run(
+        "analyze",
+        str(tmp_path / "two.pt"),
+        "--model",
+        "mlp",
+        "--data",
+        "builtin:synthetic",
+        "--what",
+        "trace",
+        check=False,
+    )
     assert_one_line_error(proc, 1, "several state_dicts", "--checkpoint-key")

@@ -3,6 +3,7 @@
 Each test checks the output's content, not just the exit code, and every bad input must give
 exactly one clear line on stderr and a non-zero exit — never a traceback.
 """
+
 import json
 import os
 import subprocess
@@ -17,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args, cwd=None, check=True):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "hessian_tools", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hessian_tools", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        timeout=900,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -36,8 +43,20 @@ def assert_one_line_error(proc, code, *needles):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "mlp-sgd"
-    proc = run("train", "--model", "mlp", "--data", "builtin:synthetic", "--epochs", "2", "--lr", "0.1",
-               "--out", str(out), "--quiet")
+    proc = run(
+        "train",
+        "--model",
+        "mlp",
+        "--data",
+        "builtin:synthetic",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.1",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert "run folder" in proc.stdout
     return out
 
@@ -51,7 +70,17 @@ def test_train_writes_a_run_folder(run_dir):
 
 def test_analyze_run_folder_prints_table_and_json(run_dir, tmp_path):
     out = tmp_path / "a.json"
-    proc = run("analyze", str(run_dir), "--what", "trace,eigs,density", "--json", str(out), "--quiet", "--max-hvps", "200")
+    proc = run(
+        "analyze",
+        str(run_dir),
+        "--what",
+        "trace,eigs,density",
+        "--json",
+        str(out),
+        "--quiet",
+        "--max-hvps",
+        "200",
+    )
     assert "Hessian trace" in proc.stdout and "top eigenvalues" in proc.stdout and "95% CI" in proc.stdout
     result = json.loads(out.read_text())
     assert result["kind"] == "checkpoint_analysis" and result["dim"] == 899
@@ -61,21 +90,50 @@ def test_analyze_run_folder_prints_table_and_json(run_dir, tmp_path):
 
 
 def test_analyze_checkpoint_file_with_model_and_data(run_dir):
-    proc = run("analyze", str(run_dir / "final.pt"), "--model", "mlp", "--data", "builtin:synthetic",
-               "--what", "trace", "--params", "weight", "--json", "-", "--quiet")
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert [b["name"] for b in result["trace"]["blocks"]] and all("weight" in b["name"] for b in result["trace"]["blocks"])
+    proc = run(
+        "analyze",
+        str(run_dir / "final.pt"),
+        "--model",
+        "mlp",
+        "--data",
+        "builtin:synthetic",
+        "--what",
+        "trace",
+        "--params",
+        "weight",
+        "--json",
+        "-",
+        "--quiet",
+    )
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert [b["name"] for b in result["trace"]["blocks"]] and all(
+        "weight" in b["name"] for b in result["trace"]["blocks"]
+    )
 
 
 def test_compare_reports_a_paired_difference(run_dir, tmp_path):
     out = tmp_path / "c.json"
-    proc = run("compare", str(run_dir / "epoch_001.pt"), str(run_dir / "final.pt"), "--model", "mlp",
-               "--data", "builtin:synthetic", "--max-hvps", "60", "--json", str(out), "--quiet")
+    proc = run(
+        "compare",
+        str(run_dir / "epoch_001.pt"),
+        str(run_dir / "final.pt"),
+        "--model",
+        "mlp",
+        "--data",
+        "builtin:synthetic",
+        "--max-hvps",
+        "60",
+        "--json",
+        str(out),
+        "--quiet",
+    )
     assert "paired CI tighter by" in proc.stdout and "same probes" in proc.stdout
     result = json.loads(out.read_text())
     pair = result["pairs"][0]
     assert pair["stderr"] > 0 and pair["independent_stderr"] > 0
-    assert pair["difference"] == pytest.approx(result["traces"][1]["estimate"] - result["traces"][0]["estimate"])
+    assert pair["difference"] == pytest.approx(
+        result["traces"][1]["estimate"] - result["traces"][0]["estimate"]
+    )
 
 
 def test_curve_gives_one_point_per_epoch(run_dir, tmp_path):
@@ -98,12 +156,24 @@ def test_help_has_examples(capsys):
 
 
 def test_missing_checkpoint(tmp_path):
-    proc = run("analyze", str(tmp_path / "nope.pt"), "--model", "mlp", "--data", "builtin:synthetic", check=False)
+    proc = run(
+        "analyze", str(tmp_path / "nope.pt"), "--model", "mlp", "--data", "builtin:synthetic", check=False
+    )
     assert_one_line_error(proc, 1, "not found")
 
 
 def test_checkpoint_of_another_architecture(run_dir):
-    proc = run("analyze", str(run_dir / "final.pt"), "--model", "cnn", "--data", "builtin:digits", "--what", "trace", check=False)
+    proc = run(
+        "analyze",
+        str(run_dir / "final.pt"),
+        "--model",
+        "cnn",
+        "--data",
+        "builtin:digits",
+        "--what",
+        "trace",
+        check=False,
+    )
     assert_one_line_error(proc, 1, "does not fit the model")
     assert "mismatch" in proc.stderr or "missing" in proc.stderr
 
@@ -123,7 +193,9 @@ class _Exploit:
 def test_pickle_that_runs_code_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"weight": _Exploit()}, evil)
-    proc = run("analyze", str(evil), "--model", "mlp", "--data", "builtin:synthetic", cwd=tmp_path, check=False)
+    proc = run(
+        "analyze", str(evil), "--model", "mlp", "--data", "builtin:synthetic", cwd=tmp_path, check=False
+    )
     assert_one_line_error(proc, 1, "refused")
     assert not (tmp_path / "pwned.txt").exists()
 
@@ -134,7 +206,15 @@ def test_unknown_what_is_a_usage_error(run_dir):
 
 
 def test_nonexistent_model_import_path(run_dir):
-    proc = run("analyze", str(run_dir / "final.pt"), "--model", "no_such_pkg.nets:make", "--data", "builtin:synthetic", check=False)
+    proc = run(
+        "analyze",
+        str(run_dir / "final.pt"),
+        "--model",
+        "no_such_pkg.nets:make",
+        "--data",
+        "builtin:synthetic",
+        check=False,
+    )
     assert_one_line_error(proc, 1, "no_such_pkg")
 
 
@@ -149,10 +229,32 @@ def test_analyze_distributed_under_torchrun_matches_single_process(run_dir, tmp_
     run("analyze", str(run_dir), "--what", "trace", "--batch-size", "64", "--json", str(single), "--quiet")
     multi = tmp_path / "multi.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "hessian_tools", "analyze", str(run_dir), "--what", "trace", "--batch-size", "64",
-                           "--distributed", "--json", str(multi), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "hessian_tools",
+            "analyze",
+            str(run_dir),
+            "--what",
+            "trace",
+            "--batch-size",
+            "64",
+            "--distributed",
+            "--json",
+            str(multi),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("Hessian trace") == 1  # rank 0 alone prints
     a, b = json.loads(single.read_text())["trace"], json.loads(multi.read_text())["trace"]
@@ -161,9 +263,22 @@ def test_analyze_distributed_under_torchrun_matches_single_process(run_dir, tmp_
 
 def test_bound_isotropic_on_a_run_folder(run_dir, tmp_path):
     out = tmp_path / "b.json"
-    proc = run("bound", str(run_dir), "--posterior", "isotropic", "--samples", "4", "--sigmas", "0.01,0.1",
-               "--json", str(out), "--quiet")
-    assert "PAC-Bayes bound" in proc.stdout and "not a certificate" in proc.stdout and "isotropic" in proc.stdout
+    proc = run(
+        "bound",
+        str(run_dir),
+        "--posterior",
+        "isotropic",
+        "--samples",
+        "4",
+        "--sigmas",
+        "0.01,0.1",
+        "--json",
+        str(out),
+        "--quiet",
+    )
+    assert (
+        "PAC-Bayes bound" in proc.stdout and "not a certificate" in proc.stdout and "isotropic" in proc.stdout
+    )
     c = json.loads(out.read_text())["certificate"]
     assert 0 <= c["mc_error"] <= c["mc_upper"] <= c["bound"] and c["sigma"] in (0.01, 0.1) and c["n_mc"] == 4
 
@@ -184,9 +299,26 @@ def test_bound_with_a_data_dependent_prior_holds_on_the_test_set(run_dir, tmp_pa
     its Monte-Carlo draws, with their 95% interval); the checkpoint W itself is not what is certified
     (with a data-dependent prior Q's mean is optimised away from W), so its test error is not compared."""
     out = tmp_path / "b.json"
-    proc = run("bound", str(run_dir), "--prior-split", "0.5", "--prior-epochs", "3", "--steps", "60",
-               "--samples", "200", "--delta", "0.1", "--json", str(out), "--quiet")
-    label = "data-dependent prior: trained on 50% of the training set (n_prior=102, 3 epochs of the run's recipe)"
+    proc = run(
+        "bound",
+        str(run_dir),
+        "--prior-split",
+        "0.5",
+        "--prior-epochs",
+        "3",
+        "--steps",
+        "60",
+        "--samples",
+        "200",
+        "--delta",
+        "0.1",
+        "--json",
+        str(out),
+        "--quiet",
+    )
+    label = (
+        "data-dependent prior: trained on 50% of the training set (n_prior=102, 3 epochs of the run's recipe)"
+    )
     assert label in proc.stdout and "bound on the other 50%, n=103" in proc.stdout
     assert "posterior train error (MC)" in proc.stdout and "KL(Q‖P)" in proc.stdout
     c = json.loads(out.read_text())["certificate"]
@@ -204,23 +336,69 @@ def test_bound_bad_prior_split_is_one_line(run_dir, fraction):
 
 
 def test_bound_prior_split_on_a_bare_state_dict_asks_for_a_run_folder(run_dir):
-    proc = run("bound", str(run_dir / "final.pt"), "--model", "mlp", "--data", "builtin:synthetic",
-               "--prior", str(run_dir / "init.pt"), "--prior-split", "0.5", check=False)
+    proc = run(
+        "bound",
+        str(run_dir / "final.pt"),
+        "--model",
+        "mlp",
+        "--data",
+        "builtin:synthetic",
+        "--prior",
+        str(run_dir / "init.pt"),
+        "--prior-split",
+        "0.5",
+        check=False,
+    )
     assert_one_line_error(proc, 2, "--prior-split", "recipe", "run folder")
 
 
 def test_bound_prior_split_too_large_for_the_data_is_one_line(run_dir):
-    proc = run("bound", str(run_dir), "--prior-split", "0.99", "--prior-epochs", "1", "--steps", "5", check=False)
+    proc = run(
+        "bound", str(run_dir), "--prior-split", "0.99", "--prior-epochs", "1", "--steps", "5", check=False
+    )
     assert_one_line_error(proc, 1, "n ≥")
 
 
 def test_compare_with_bounds_adds_each_checkpoints_certificate(run_dir, tmp_path):
     other = tmp_path / "mlp-nso"
-    run("train", "--model", "mlp", "--data", "builtin:synthetic", "--epochs", "2", "--lr", "0.1", "--method", "nso",
-        "--sigma", "0.05", "--out", str(other), "--quiet")
+    run(
+        "train",
+        "--model",
+        "mlp",
+        "--data",
+        "builtin:synthetic",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.1",
+        "--method",
+        "nso",
+        "--sigma",
+        "0.05",
+        "--out",
+        str(other),
+        "--quiet",
+    )
     out = tmp_path / "c.json"
-    proc = run("compare", str(run_dir), str(other), "--bound", "--prior-split", "0.5", "--prior-epochs", "2",
-               "--steps", "30", "--samples", "100", "--max-hvps", "60", "--json", str(out), "--quiet")
+    proc = run(
+        "compare",
+        str(run_dir),
+        str(other),
+        "--bound",
+        "--prior-split",
+        "0.5",
+        "--prior-epochs",
+        "2",
+        "--steps",
+        "30",
+        "--samples",
+        "100",
+        "--max-hvps",
+        "60",
+        "--json",
+        str(out),
+        "--quiet",
+    )
     assert "bound (or difference)" in proc.stdout and "data-dependent prior: trained on 50%" in proc.stdout
     data = json.loads(out.read_text())
     bounds = {name: c["bound"] for name, c in data["certificates"].items()}
@@ -234,10 +412,10 @@ def test_analyze_diag_matches_the_exact_diagonal(run_dir, tmp_path):
     """``analyze --what diag`` against diag(∇²) by torch.func.hessian: with fewer HVPs than parameters
     each block's Σ H_ii lies within 4 of its standard errors; with max_hvps ≥ dim XDiag is exact."""
     import torch.nn.functional as F
+    from helpers import exact_hessian
 
     from hessian_tools.app.runs import build_run_model
     from hessian_tools.app.zoo.data import load_data
-    from helpers import exact_hessian
 
     model = build_run_model(run_dir, "final.pt")
     X, y = load_data("builtin:synthetic").train
@@ -247,7 +425,9 @@ def test_analyze_diag_matches_the_exact_diagonal(run_dir, tmp_path):
     proc = run("analyze", str(run_dir), "--what", "diag", "--max-hvps", "300", "--json", str(out), "--quiet")
     assert "diag(H) head.weight (192)" in proc.stdout and "diag(H) total (= trace)" in proc.stdout
     d = json.loads(out.read_text())["diagonal"]
-    assert d["kind"] == "diagonal" and d["method"] == "xdiag" and d["hvps"] <= 300 and len(d["estimate"]) == 899
+    assert (
+        d["kind"] == "diagonal" and d["method"] == "xdiag" and d["hvps"] <= 300 and len(d["estimate"]) == 899
+    )
     for block, true_block in zip(d["blocks"], torch.split(exact, sizes)):
         assert abs(block["sum"] - float(true_block.sum())) <= 4 * block["sum_stderr"], block
     assert abs(d["trace"] - float(exact.sum())) <= 4 * d["trace_stderr"]
@@ -257,7 +437,9 @@ def test_analyze_diag_matches_the_exact_diagonal(run_dir, tmp_path):
 
 
 def test_bound_without_prior_is_a_usage_error(run_dir):
-    proc = run("bound", str(run_dir / "final.pt"), "--model", "mlp", "--data", "builtin:synthetic", check=False)
+    proc = run(
+        "bound", str(run_dir / "final.pt"), "--model", "mlp", "--data", "builtin:synthetic", check=False
+    )
     assert_one_line_error(proc, 2, "--prior")
 
 
@@ -266,7 +448,9 @@ def test_matrix_sensing_front_end(tmp_path):
     data = json.loads((tmp_path / "matrix_sensing.json").read_text())
     assert (tmp_path / "matrix_sensing.png").stat().st_size > 0
     assert set(data["summary"]) == {"gd", "wp", "nso"}
-    assert all(len(s["final_val_loss"]) == 1 and s["hessian_trace_mean"] > 0 for s in data["summary"].values())
+    assert all(
+        len(s["final_val_loss"]) == 1 and s["hessian_trace_mean"] > 0 for s in data["summary"].values()
+    )
 
 
 @pytest.mark.slow
@@ -280,8 +464,13 @@ def test_demo_quick_writes_report_results_and_figures(tmp_path):
     assert {r["method"] for r in results["runs"]} == {"sgd", "sam", "nso"}
     assert all(r["analysis"]["trace"]["hvps"] > 0 and r["curve"] for r in results["runs"])
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert {"sharpness_curves.png", "trace_lambda_bars.png", "density.png", "stability.png",
-            "bound_vs_trace.png"} <= set(pngs), pngs
+    assert {
+        "sharpness_curves.png",
+        "trace_lambda_bars.png",
+        "density.png",
+        "stability.png",
+        "bound_vs_trace.png",
+    } <= set(pngs), pngs
     # every run is certified with the optimised posterior and a data-dependent prior, and no certificate fails
     certificates = [r["analysis"]["certificate"] for r in results["runs"]]
     assert all(c["kind"] == "posterior_certificate" and c["prior"] == "data-dependent" for c in certificates)
@@ -292,4 +481,7 @@ def test_demo_quick_writes_report_results_and_figures(tmp_path):
     again = run("demo", "--quick", "--out", str(out), "--quiet")
     assert "report:" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == saved
-    assert json.loads((out / "results.json").read_text())["runs"][0]["analysis"] == results["runs"][0]["analysis"]
+    assert (
+        json.loads((out / "results.json").read_text())["runs"][0]["analysis"]
+        == results["runs"][0]["analysis"]
+    )

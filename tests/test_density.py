@@ -1,18 +1,18 @@
 """SLQ spectral density against exact spectra (dense known spectrum, tiny-MLP Hessian)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import PROBLEMS, known_spectrum
 
 from hessian_tools.estimators.common import CountingOperator
 from hessian_tools.estimators.density import density
 from hessian_tools.estimators.probes import rademacher
-from hessian_tools.seeding import seeded_generator
 from hessian_tools.operators.hessian import HessianOperator
 from hessian_tools.results import DensityResult
-
-from helpers import PROBLEMS, known_spectrum
+from hessian_tools.seeding import seeded_generator
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,16 @@ def test_determinism_counts_and_roundtrip(spectrum):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(n_probes=0), dict(steps=0), dict(n_probes=2.5), dict(grid_size=1), dict(sigma=0.0), dict(sigma=-1.0),
-     dict(grid=[1.0]), dict(grid=[2.0, 1.0])],
+    [
+        dict(n_probes=0),
+        dict(steps=0),
+        dict(n_probes=2.5),
+        dict(grid_size=1),
+        dict(sigma=0.0),
+        dict(sigma=-1.0),
+        dict(grid=[1.0]),
+        dict(grid=[2.0, 1.0]),
+    ],
 )
 def test_bad_arguments_raise(spectrum, kwargs):
     with pytest.raises(ValueError):

@@ -1,10 +1,12 @@
 """Hessian diagonal estimators against exact diagonals: torch.func.hessian on tiny models, dense matrices."""
+
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import PROBLEMS, BlockedDense, exact_hessian, known_spectrum
 
 import hessian_tools as ht
 from hessian_tools.estimators.baston2022diagpp import diagpp
@@ -14,8 +16,6 @@ from hessian_tools.estimators.epperly2024xtrace import xdiag
 from hessian_tools.estimators.probes import rademacher
 from hessian_tools.results import DiagonalResult, result_from_dict
 from hessian_tools.seeding import seeded_generator
-
-from helpers import PROBLEMS, BlockedDense, exact_hessian, known_spectrum
 
 METHODS = ("hutchinson", "diagpp", "xdiag")
 SEEDS = range(10)
@@ -83,8 +83,10 @@ def test_error_and_stderr_shrink_with_budget(method):
 def test_deflated_method_beats_hutchinson_on_low_rank_plus_noise(method):
     A = low_rank_plus_noise()
     exact = torch.diagonal(A)
-    error = {m: sum(relative_error(ht.diagonal(A, method=m, max_hvps=60, seed=s), exact)
-                    for s in range(6)) for m in ("hutchinson", method)}
+    error = {
+        m: sum(relative_error(ht.diagonal(A, method=m, max_hvps=60, seed=s), exact) for s in range(6))
+        for m in ("hutchinson", method)
+    }
     assert error[method] < error["hutchinson"] / 4, error
 
 
@@ -207,8 +209,14 @@ def test_bad_input_raises():
     H, _ = known_spectrum(40)
     with pytest.raises(ValueError, match="unknown diagonal method"):
         ht.diagonal(H, method="hutchpp")
-    bad_budgets = [("hutchinson", 1), ("diagpp", 3), ("xdiag", 3), ("xdiag", 10.0), ("diagpp", True),
-                   ("hutchinson", None)]
+    bad_budgets = [
+        ("hutchinson", 1),
+        ("diagpp", 3),
+        ("xdiag", 3),
+        ("xdiag", 10.0),
+        ("diagpp", True),
+        ("hutchinson", None),
+    ]
     for method, bad in bad_budgets:
         with pytest.raises(ValueError, match="max_hvps"):
             ht.diagonal(H, method=method, max_hvps=bad)

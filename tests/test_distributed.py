@@ -6,6 +6,7 @@ Each rank is this file run as a script in a subprocess, with torchrun's environm
 exercised too. Ranks write their results to a temporary directory; the parent waits with a
 timeout and kills every rank on a hang.
 """
+
 from __future__ import annotations
 
 import functools
@@ -96,7 +97,12 @@ def _local_data(batches, assignment: str, rank: int, world: int):
 def _rank_main(out_dir: str) -> None:
     import torch.distributed as dist
 
-    from hessian_tools.operators.distributed import PeerError, distributed_hessian_operator, init_from_env, is_main_process
+    from hessian_tools.operators.distributed import (
+        PeerError,
+        distributed_hessian_operator,
+        init_from_env,
+        is_main_process,
+    )
 
     torch.set_num_threads(1)
     rank, world, device = init_from_env("cpu", timeout_s=60)
@@ -125,15 +131,31 @@ def _free_port() -> int:
 
 
 def _launch(world: int, tmp_path: Path) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(world),
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
     procs, logs = [], []
     for rank in range(world):
         log = open(tmp_path / f"rank{rank}.log", "w+")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=str(ROOT), stdout=log,
-                                      stderr=subprocess.STDOUT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, str(tmp_path)],
+                cwd=str(ROOT),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            )
+        )
     try:
         for proc in procs:
             proc.wait(timeout=TIMEOUT_S)
@@ -172,7 +194,9 @@ def _check_world(world: int, tmp_path: Path) -> None:
     for name, (n_batches, assignment, _) in CASES[world].items():
         got = [r[name] for r in ranks]
         if assignment == "bad_on_1":  # every rank raises (the bad one its own error), none hangs
-            assert got[1]["error"] == "RuntimeError" and all(g["error"] == "PeerError" for i, g in enumerate(got) if i != 1), got
+            assert got[1]["error"] == "RuntimeError" and all(
+                g["error"] == "PeerError" for i, g in enumerate(got) if i != 1
+            ), got
             continue
         ref = _reference(n_batches)
         assert sum(g["local_batches"] for g in got) == n_batches
@@ -182,8 +206,12 @@ def _check_world(world: int, tmp_path: Path) -> None:
             assert g["collectives_per_matmat"] == 1
             assert g["num_samples"] == ref["num_samples"] == sum(SIZES[:n_batches])
             assert _rel(g["matmat"], ref["matmat"]) <= RTOL_MATMAT, (name, _rel(g["matmat"], ref["matmat"]))
-            assert _rel(g["grad"], ref["grad"]) <= RTOL_MATMAT and abs(g["loss"] - ref["loss"]) <= RTOL_MATMAT * abs(ref["loss"])
-            keys = ["hutchpp", "hutchinson", "eigenvalues"] + (["density_nodes", "density_weights"] if HAS_DENSITY else [])
+            assert _rel(g["grad"], ref["grad"]) <= RTOL_MATMAT and abs(
+                g["loss"] - ref["loss"]
+            ) <= RTOL_MATMAT * abs(ref["loss"])
+            keys = ["hutchpp", "hutchinson", "eigenvalues"] + (
+                ["density_nodes", "density_weights"] if HAS_DENSITY else []
+            )
             for key in keys:
                 assert _rel(g[key], ref[key]) <= RTOL_ESTIMATES, (name, key, g[key], ref[key])
         # identical, bit for bit, on every rank

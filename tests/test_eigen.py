@@ -1,11 +1,11 @@
 """Eigenvalues by thick-restart Lanczos against the exact spectrum, with residual error bars."""
+
 import numpy as np
 import pytest
 import torch
+from helpers import known_spectrum
 
 import hessian_tools as ht
-
-from helpers import known_spectrum
 
 
 def _check_pairs(result, H):
@@ -32,6 +32,7 @@ def test_eigenvalues_match_exact_spectrum(problem, which, k):
 
 def test_negative_curvature_is_found():
     from helpers import PROBLEMS, exact_hessian
+
     model, loss_fn, X, y = PROBLEMS["saddle"]()
     H = exact_hessian(model, loss_fn, X, y)
     r = ht.eigenvalues(ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64), which="SA")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
 import torch
+from helpers import batches, exact_hessian
 from torch import nn
 
 import hessian_tools as ht
@@ -13,8 +14,6 @@ from hessian_tools.operators import EmpiricalRisk, LinearOperator
 from hessian_tools.operators.block_diagonal import BlockColumnsOperator
 from hessian_tools.operators.empirical_risk import model_output
 from hessian_tools.stability import PerturbedEvaluator
-
-from helpers import batches, exact_hessian
 
 CE = nn.functional.cross_entropy
 
@@ -81,9 +80,15 @@ def test_dict_inputs_and_logits_outputs_give_the_same_hessian(as_labels_dict):
     model = KeywordNet().double()
     a, b, y = _data()
     if as_labels_dict:
-        data = [{"input_ids": a[i : i + 8], "attention_mask": b[i : i + 8], "labels": y[i : i + 8]} for i in range(0, 23, 8)]
+        data = [
+            {"input_ids": a[i : i + 8], "attention_mask": b[i : i + 8], "labels": y[i : i + 8]}
+            for i in range(0, 23, 8)
+        ]
     else:
-        data = [({"input_ids": a[i : i + 8], "attention_mask": b[i : i + 8]}, y[i : i + 8]) for i in range(0, 23, 8)]
+        data = [
+            ({"input_ids": a[i : i + 8], "attention_mask": b[i : i + 8]}, y[i : i + 8])
+            for i in range(0, 23, 8)
+        ]
     for backend in ("func", "autograd"):
         H = ht.HessianOperator(model, CE, data, dtype=torch.float64, backend=backend).dense()
         assert torch.allclose(H, _reference_hessian(model.net, a, b, y), atol=1e-10), backend
@@ -116,7 +121,10 @@ def test_perturbed_evaluator_reads_the_same_input_kinds():
 
 @pytest.mark.parametrize(
     "batch, message",
-    [((torch.zeros(2, 3), torch.zeros(2), torch.zeros(2)), "3-element tuple"), ({"input_ids": torch.zeros(2, 3)}, "labels")],
+    [
+        ((torch.zeros(2, 3), torch.zeros(2), torch.zeros(2)), "3-element tuple"),
+        ({"input_ids": torch.zeros(2, 3)}, "labels"),
+    ],
 )
 def test_malformed_batches_are_refused_with_one_line(batch, message):
     model = nn.Linear(3, 2)

@@ -1,4 +1,5 @@
 """Matrix sensing: packing, closed-form gradient and Hessian trace vs autograd, short runs, the script."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from hessian_tools.app.experiments import matrix_sensing as ms
 from torch.func import hessian
 
+from hessian_tools.app.experiments import matrix_sensing as ms
 from hessian_tools.app.experiments.matrix_sensing import (
     exact_hessian_trace,
     gradient,
@@ -64,10 +64,14 @@ def test_closed_form_gradient_matches_autograd(objective):
     assert torch.allclose(closed, auto, rtol=1e-10, atol=1e-12)
     # and f is Σ r² / (m s)
     r = residuals(U.detach(), p)
-    assert float(f.detach()) == pytest.approx(float(r.pow(2).sum()) / (40 * objective_scale(p, objective)), rel=1e-12)
+    assert float(f.detach()) == pytest.approx(
+        float(r.pow(2).sum()) / (40 * objective_scale(p, objective)), rel=1e-12
+    )
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func internals
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)  # torch.func internals
 @pytest.mark.parametrize("objective", ["half_mse", "relative"])
 def test_exact_trace_matches_torch_func_hessian(objective):
     p = make_problem(d=4, r=1, m=20, seed=3, dtype=torch.float64)
@@ -105,7 +109,6 @@ def test_short_runs_decrease_the_loss_and_are_seeded():
     assert torch.equal(again["U"], outs["nso"]["U"])
 
 
-
 def test_one_step_of_each_method_is_its_update_rule():
     """The runs go through hessian_tools.optim: one step of GD, WP-GD and two-sided NSO equals the
     update written out by hand with the same noise stream."""
@@ -114,7 +117,11 @@ def test_one_step_of_each_method_is_its_update_rule():
     U0 = ms.initial_U(problem, seed=0)
     E = sigma * torch.randn(U0.shape, generator=torch.Generator().manual_seed(104_729), dtype=torch.float64)
     g = lambda U: ms.gradient(U, problem)  # noqa: E731
-    expected = {"gd": U0 - lr * g(U0), "wp": U0 - lr * g(U0 + E), "nso": U0 - lr * (g(U0 + E) + g(U0 - E)) / 2}
+    expected = {
+        "gd": U0 - lr * g(U0),
+        "wp": U0 - lr * g(U0 + E),
+        "nso": U0 - lr * (g(U0 + E) + g(U0 - E)) / 2,
+    }
     for method, U1 in expected.items():
         out = run_matrix_sensing(method, seed=0, steps=1, problem=problem, lr=lr, sigma=sigma, trace=False)
         assert torch.allclose(out["U"], U1, rtol=0, atol=1e-14), method
@@ -141,8 +148,26 @@ def test_analysis_script_writes_json_and_png(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     threads = torch.get_num_threads()
-    assert script.main(["--seeds", "0", "1", "--steps", "40", "--d", "8", "--r", "1", "--log-every", "20",
-                        "--out", str(tmp_path)]) == 0
+    assert (
+        script.main(
+            [
+                "--seeds",
+                "0",
+                "1",
+                "--steps",
+                "40",
+                "--d",
+                "8",
+                "--r",
+                "1",
+                "--log-every",
+                "20",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "matrix_sensing.json").read_text())
     assert data["config"]["m"] == 40 and len(data["runs"]) == 6
     assert set(data["summary"]) == {"gd", "wp", "nso"}
@@ -163,6 +188,8 @@ def test_core_trace_estimator_agrees_with_the_closed_form():
     U = ms.initial_U(problem, seed=1)
     exact = ms.exact_hessian_trace(U, problem)
     op = ms.hessian_operator(U, problem)
-    torch.testing.assert_close(torch.trace(op.dense()), torch.tensor(exact, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        torch.trace(op.dense()), torch.tensor(exact, dtype=torch.float64), rtol=1e-9, atol=1e-9
+    )
     est = ms.estimated_hessian_trace(U, problem, rtol=0.05, seed=0)
     assert abs(est["estimate"] - exact) <= 3 * est["stderr"] + 1e-9 and est["hvps"] > 0

@@ -1,4 +1,5 @@
 """Models (shapes, parameter counts, registry, factories) and data (digits splits, specs, batches)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,6 @@ from hessian_tools.app.zoo.data import (
     synthetic_classification,
     synthetic_text,
 )
-from hessian_tools.errors import DataError, HessianToolsError
 from hessian_tools.app.zoo.models import (
     MLP,
     ModelSpecError,
@@ -31,7 +31,7 @@ from hessian_tools.app.zoo.models import (
     load_factory,
     seeded_build,
 )
-
+from hessian_tools.errors import DataError, HessianToolsError
 
 # ----------------------------------------------------------------------------- models
 
@@ -97,7 +97,8 @@ def test_unknown_model_and_bad_options():
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """A user module on sys.path with a model factory and data loaders."""
-    (tmp_path / "ht_user_mod.py").write_text(textwrap.dedent("""
+    (tmp_path / "ht_user_mod.py").write_text(
+        textwrap.dedent("""
         import torch
         from hessian_tools.app.zoo.data import DataBundle
 
@@ -128,7 +129,8 @@ def user_module(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
 
         CONSTANT = 4
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "ht_user_mod"
     sys.modules.pop("ht_user_mod", None)
@@ -144,14 +146,17 @@ def test_factory_models(user_module, tmp_path):
         build_model(f"{user_module}:not_a_model", 3)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
-    ("ht_user_mod:nope", "has no attribute 'nope'"),
-    ("ht_user_mod:CONSTANT", "is not callable"),
-    ("justaname", "expected 'module:function'"),
-    ("a:b:c", "expected 'module:function'"),
-    ("/no/such/file.py:f", "no such file"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
+        ("ht_user_mod:nope", "has no attribute 'nope'"),
+        ("ht_user_mod:CONSTANT", "is not callable"),
+        ("justaname", "expected 'module:function'"),
+        ("a:b:c", "expected 'module:function'"),
+        ("/no/such/file.py:f", "no such file"),
+    ],
+)
 def test_load_factory_errors_are_one_line(user_module, spec, message):
     with pytest.raises(ModelSpecError, match=message) as info:
         load_factory(spec)
@@ -266,18 +271,21 @@ def test_load_data_user_functions(user_module):
     assert d.num_classes == 2 and d.train[0].dtype == torch.float32 and d.train[1].dtype == torch.int64
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("builtin:mnist", "unknown builtin dataset 'mnist'.*builtin:digits"),
-    ("builtin:digits?bogus=1", "bad options for 'builtin:digits\\?bogus=1'"),
-    ("builtin:digits?novalue", "bad option 'novalue'"),
-    ("digits", "data spec must be"),
-    ("no_such_module_xyz:load", "cannot import 'no_such_module_xyz:load': no module named"),
-    ("ht_user_mod:nope", "has no attribute 'nope'"),
-    ("ht_user_mod:missing_key", "without test, num_classes"),
-    ("ht_user_mod:bad_labels", "outside \\[0, 1\\]"),
-    ("ht_user_mod:broken", "raised RuntimeError: disk on fire"),
-    ("ht_user_mod:make_net", "raised TypeError"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("builtin:mnist", "unknown builtin dataset 'mnist'.*builtin:digits"),
+        ("builtin:digits?bogus=1", "bad options for 'builtin:digits\\?bogus=1'"),
+        ("builtin:digits?novalue", "bad option 'novalue'"),
+        ("digits", "data spec must be"),
+        ("no_such_module_xyz:load", "cannot import 'no_such_module_xyz:load': no module named"),
+        ("ht_user_mod:nope", "has no attribute 'nope'"),
+        ("ht_user_mod:missing_key", "without test, num_classes"),
+        ("ht_user_mod:bad_labels", "outside \\[0, 1\\]"),
+        ("ht_user_mod:broken", "raised RuntimeError: disk on fire"),
+        ("ht_user_mod:make_net", "raised TypeError"),
+    ],
+)
 def test_bad_data_specs_raise_one_clear_line(user_module, spec, message):
     with pytest.raises(DataError, match=message) as info:
         load_data(spec)
@@ -291,7 +299,9 @@ def test_databundle_validation():
     with pytest.raises(DataError, match="num_classes"):
         DataBundle((X, torch.zeros(4, dtype=torch.long)), (X, torch.zeros(4, dtype=torch.long)), 1)
     with pytest.raises(DataError, match="NaN"):
-        DataBundle((X * float("nan"), torch.zeros(4, dtype=torch.long)), (X, torch.zeros(4, dtype=torch.long)), 2)
+        DataBundle(
+            (X * float("nan"), torch.zeros(4, dtype=torch.long)), (X, torch.zeros(4, dtype=torch.long)), 2
+        )
     bundle = DataBundle((X, torch.zeros(4, dtype=torch.long)), (X, torch.ones(4, dtype=torch.long)), 2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         bundle.num_classes = 3  # frozen
@@ -317,9 +327,15 @@ def _torchvision_resnet18_state_shapes(num_classes: int) -> dict[str, tuple[int,
     """torchvision.models.resnet18's state_dict, written out from its definition (torchvision is not a
     dependency): conv1 7×7/2 → bn1 → 4 stages of 2 BasicBlocks (64, 128, 256, 512 channels; the first
     block of stages 2–4 has stride 2 and a 1×1 conv + BN ``downsample``) → fc."""
+
     def bn(prefix, c):
-        return {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
-                f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}
+        return {
+            f"{prefix}.weight": (c,),
+            f"{prefix}.bias": (c,),
+            f"{prefix}.running_mean": (c,),
+            f"{prefix}.running_var": (c,),
+            f"{prefix}.num_batches_tracked": (),
+        }
 
     shapes = {"conv1.weight": (64, 3, 7, 7), **bn("bn1", 64)}
     stages = {1: (64, 64), 2: (64, 128), 3: (128, 256), 4: (256, 512)}  # stage: (in, out) channels
@@ -381,7 +397,9 @@ def test_synthetic_text_is_seeded_padded_and_labelled_by_its_rule():
     assert bool((a.input_ids[a.attention_mask == 1] > 0).all())
     for ids, n, label in zip(a.input_ids, lengths, a.labels):
         counts = torch.bincount(ids[:n] % 3, minlength=3)
-        assert int(label) == int(torch.nonzero(counts == counts.max())[0])  # biggest group, ties to the lowest
+        assert int(label) == int(
+            torch.nonzero(counts == counts.max())[0]
+        )  # biggest group, ties to the lowest
     assert len(set(a.labels.tolist())) == 3
     with pytest.raises(DataError, match="synthetic text"):
         synthetic_text(10, vocab_size=2, num_classes=2)

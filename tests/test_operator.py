@@ -1,13 +1,13 @@
 """HessianOperator against torch.func.hessian, and its handling of batches, modes and bad input."""
+
 import pytest
 import torch
+from helpers import PROBLEMS, batches, exact_hessian
 from torch import nn
 
 import hessian_tools as ht
 from hessian_tools.errors import DataError, NondeterminismError, NonFiniteError
 from hessian_tools.operators.params import ParameterSelectionError
-
-from helpers import PROBLEMS, batches, exact_hessian
 
 
 @pytest.mark.parametrize("backend", ["func", "autograd"])
@@ -53,7 +53,9 @@ def test_chunked_vmap_matches_unchunked():
     V = torch.randn(sum(p.numel() for p in model.parameters()), 7, dtype=torch.float64)
     full = ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64).matmat(V)
     for backend in ("func", "autograd"):
-        chunked = ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64, chunk_size=3, backend=backend).matmat(V)
+        chunked = ht.HessianOperator(
+            model, loss_fn, (X, y), dtype=torch.float64, chunk_size=3, backend=backend
+        ).matmat(V)
         torch.testing.assert_close(chunked, full, rtol=1e-10, atol=1e-12)
 
 
@@ -144,6 +146,7 @@ def test_to_scipy_speaks_linear_operator():
     H = exact_hessian(model, loss_fn, X, y).numpy()
     lin = ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64).to_scipy()
     import numpy as np
+
     v = np.random.default_rng(0).normal(size=(lin.shape[0], 3))
     assert lin.dtype == np.float64
     np.testing.assert_allclose(lin.matmat(v), H @ v, rtol=1e-9, atol=1e-12)

@@ -1,4 +1,5 @@
 """Tests of hessian_tools.optim: NSO, WeightPerturbation, SAM, ASAM and make_optimizer."""
+
 import copy
 
 import pytest
@@ -108,7 +109,9 @@ def test_one_sided_nso_and_wp_on_cubic():
     for cls, kw in ((NSO, {"two_sided": False}), (WeightPerturbation, {})):
         w = torch.nn.Parameter(w0.clone())
         calls = []
-        cls([w], sigma=sigma, generator=_gen(5), **kw, **_sgd1()).step(_closure(w, lambda v: (c * v**3).sum(), calls))
+        cls([w], sigma=sigma, generator=_gen(5), **kw, **_sgd1()).step(
+            _closure(w, lambda v: (c * v**3).sum(), calls)
+        )
         assert torch.allclose(w.grad, 3 * c * (w0 + u) ** 2, atol=1e-12, rtol=0)
         assert len(calls) == 1
 
@@ -327,8 +330,10 @@ def test_same_seed_same_trajectory_different_seed_different(cls):
 
 
 def test_wp_is_one_sided_nso():
-    assert torch.equal(_trajectory(WeightPerturbation, 3, sigma=0.05, k=2),
-                       _trajectory(NSO, 3, sigma=0.05, k=2, two_sided=False))
+    assert torch.equal(
+        _trajectory(WeightPerturbation, 3, sigma=0.05, k=2),
+        _trajectory(NSO, 3, sigma=0.05, k=2, two_sided=False),
+    )
 
 
 def test_global_rng_untouched():
@@ -372,7 +377,9 @@ def test_make_optimizer_builds_each_method():
     assert type(make_optimizer("sgd", model.parameters(), lr=0.1)) is torch.optim.SGD
     assert type(make_optimizer("sgd", model.parameters(), base="adam", lr=0.1)) is torch.optim.Adam
     for method, cls in (("nso", NSO), ("wp", WeightPerturbation), ("sam", SAM), ("asam", ASAM)):
-        opt = make_optimizer(method, model.parameters(), model=model, base="adamw", lr=1e-3, weight_decay=0.01)
+        opt = make_optimizer(
+            method, model.parameters(), model=model, base="adamw", lr=1e-3, weight_decay=0.01
+        )
         assert type(opt) is cls and isinstance(opt.base_optimizer, torch.optim.AdamW)
         assert torch.isfinite(opt.step(_model_closure(model, x, y)))
     opt = make_optimizer("nso", model.parameters(), lr=0.1, sigma=0.2, k=3, lam=0.1, two_sided=False)

@@ -1,5 +1,6 @@
 """Tests of hessian_tools.bounds.pacbayes against independently derived values (scipy, torch, closed
 forms, simulation) and against the inequalities that relate the bounds in the literature."""
+
 import math
 
 import mpmath
@@ -166,9 +167,13 @@ def test_formulas_against_direct_evaluation(emp, kl, n, delta):
     c = comp_ref(kl, n, delta)
     assert pb.mcallester_bound(emp, kl, n, delta) == pytest.approx(emp + math.sqrt(c / 2), rel=1e-12)
     eps = c / 2
-    assert pb.quad_bound(emp, kl, n, delta) == pytest.approx((math.sqrt(emp + eps) + math.sqrt(eps)) ** 2, rel=1e-12)
+    assert pb.quad_bound(emp, kl, n, delta) == pytest.approx(
+        (math.sqrt(emp + eps) + math.sqrt(eps)) ** 2, rel=1e-12
+    )
     lam = 0.7
-    assert pb.lambda_bound(emp, kl, n, delta, lam) == pytest.approx(emp / (1 - lam / 2) + c / (lam * (1 - lam / 2)), rel=1e-12)
+    assert pb.lambda_bound(emp, kl, n, delta, lam) == pytest.approx(
+        emp / (1 - lam / 2) + c / (lam * (1 - lam / 2)), rel=1e-12
+    )
     r = root_ref(emp, c) if emp < 1 else 1.0
     s = pb.seeger_bound(emp, kl, n, delta)
     if r is not None:
@@ -182,8 +187,12 @@ def test_optimal_lambda_minimises_lambda_bound(emp, kl, n, delta):
     assert 0 < lam <= 1.0
     best = pb.lambda_bound(emp, kl, n, delta, lam)
     assert best == pytest.approx(pb.quad_bound(emp, kl, n, delta), rel=1e-9)
-    num = minimize_scalar(lambda x: pb.lambda_bound(emp, kl, n, delta, x), bounds=(1e-9, 2 - 1e-9),
-                          method="bounded", options={"xatol": 1e-12})
+    num = minimize_scalar(
+        lambda x: pb.lambda_bound(emp, kl, n, delta, x),
+        bounds=(1e-9, 2 - 1e-9),
+        method="bounded",
+        options={"xatol": 1e-12},
+    )
     assert best <= num.fun * (1 + 1e-9)
 
 
@@ -248,22 +257,29 @@ def test_gaussian_kl_matches_torch(seed):
     assert pb.gaussian_kl(mq, vq, mp, vp) == pytest.approx(torch_kl(mq, vq, mp, vp), rel=1e-12)
     # scalar prior broadcast
     assert pb.gaussian_kl(mq, vq, 0.0, 0.5) == pytest.approx(
-        torch_kl(mq, vq, np.zeros(d), np.full(d, 0.5)), rel=1e-12)
+        torch_kl(mq, vq, np.zeros(d), np.full(d, 0.5)), rel=1e-12
+    )
     assert pb.gaussian_kl(mq, vq, mq, vq) == 0.0
-    assert pb.gaussian_kl(0.0, 1e-30, 0.0, 1.0) == pytest.approx(0.5 * (1e-30 - 1 + math.log(1e30)), rel=1e-14)
+    assert pb.gaussian_kl(0.0, 1e-30, 0.0, 1.0) == pytest.approx(
+        0.5 * (1e-30 - 1 + math.log(1e30)), rel=1e-14
+    )
 
 
-@pytest.mark.parametrize("dim,sq,sp,dist", [(1, 1.0, 1.0, 0.0), (10, 0.1, 0.2, 3.0),
-                                             (1000, 0.03, 0.01, 12.5), (7, 1.0, 1.0 + 1e-9, 0.0)])
+@pytest.mark.parametrize(
+    "dim,sq,sp,dist",
+    [(1, 1.0, 1.0, 0.0), (10, 0.1, 0.2, 3.0), (1000, 0.03, 0.01, 12.5), (7, 1.0, 1.0 + 1e-9, 0.0)],
+)
 def test_isotropic_equals_diagonal(dim, sq, sp, dist):
     w0 = np.zeros(dim)
     w = np.full(dim, math.sqrt(dist / dim))
-    diag = pb.gaussian_kl(w, sq ** 2, w0, sp ** 2)
+    diag = pb.gaussian_kl(w, sq**2, w0, sp**2)
     iso = pb.isotropic_gaussian_kl(dist, dim, sq, sp)
     assert iso == pytest.approx(diag, rel=1e-10, abs=1e-20)
-    assert iso == pytest.approx(torch_kl(w, np.full(dim, sq ** 2), w0, np.full(dim, sp ** 2)), rel=1e-10, abs=1e-14)
+    assert iso == pytest.approx(
+        torch_kl(w, np.full(dim, sq**2), w0, np.full(dim, sp**2)), rel=1e-10, abs=1e-14
+    )
     if sq == sp:
-        assert iso == pytest.approx(dist / (2 * sp ** 2))
+        assert iso == pytest.approx(dist / (2 * sp**2))
 
 
 # ------------------------------------------------------------------------------ grids, MC, certificate
@@ -274,7 +290,7 @@ def test_prior_grid_cost_and_dziugaite_roy():
     for j in (1, 5, 300):
         lam, cost_j = pb.dziugaite_roy_prior_scale(b, c, j)
         assert lam == pytest.approx(c * math.exp(-j / b))
-        assert cost_j == pytest.approx(2 * math.log(b * math.log(c / lam)) + math.log(math.pi ** 2 / 6))
+        assert cost_j == pytest.approx(2 * math.log(b * math.log(c / lam)) + math.log(math.pi**2 / 6))
     # the weights exp(−cost_j) = 6/(π² j²) sum to at most 1 (a valid union bound)
     total = sum(math.exp(-pb.dziugaite_roy_prior_scale(b, c, j)[1]) for j in range(1, 20001))
     assert 0.9999 < total <= 1.0
@@ -296,7 +312,9 @@ def test_certificate_composes():
     assert out["grid_cost"] == pytest.approx(math.log(30))
     assert out["kl_term"] == pytest.approx(comp_ref(2500.0 + math.log(30), 50000, 0.04), rel=1e-14)
     # ln K in the KL term is the same as δ_bound/K
-    assert out["bound"] == pytest.approx(pb.seeger_bound(out["emp_risk_upper"], 2500.0, 50000, 0.04 / 30), abs=3e-12)
+    assert out["bound"] == pytest.approx(
+        pb.seeger_bound(out["emp_risk_upper"], 2500.0, 50000, 0.04 / 30), abs=3e-12
+    )
     assert out["bound"] > pb.seeger_bound(0.03, 2500.0, 50000, 0.05)
     default = pb.certificate_bound(0.03, 1000, 2500.0, 50000, 0.05)
     assert default["delta_mc"] == pytest.approx(0.025) and default["grid_size"] == 1
@@ -304,37 +322,70 @@ def test_certificate_composes():
 
 # ------------------------------------------------------------------------------ bad input
 BAD = [
-    (pb.binary_kl, (1.2, 0.5)), (pb.binary_kl, (0.5, -0.1)), (pb.binary_kl, (np.nan, 0.5)),
-    (pb.kl_inverse_upper, (-0.1, 1.0)), (pb.kl_inverse_upper, (0.5, -1.0)), (pb.kl_inverse_upper, (0.5, np.nan)),
-    (pb.kl_inverse_upper, (0.5, 1.0, 0.0)), (pb.kl_inverse_lower, (1.5, 1.0)), (pb.kl_inverse_lower, (0.5, -1e-9)),
-    (pb.seeger_bound, (0.1, 1.0, 100, 0.0)), (pb.seeger_bound, (0.1, 1.0, 100, 1.0)),
-    (pb.seeger_bound, (0.1, 1.0, 7, 0.05)), (pb.seeger_bound, (0.1, 1.0, 0, 0.05)),
-    (pb.seeger_bound, (0.1, 1.0, 100.5, 0.05)), (pb.seeger_bound, (1.1, 1.0, 100, 0.05)),
-    (pb.seeger_bound, (-0.1, 1.0, 100, 0.05)), (pb.seeger_bound, (0.1, -1.0, 100, 0.05)),
-    (pb.seeger_bound, (0.1, math.inf, 100, 0.05)), (pb.seeger_bound, (0.1, 1.0, True, 0.05)),
-    (pb.mcallester_bound, (0.1, 1.0, 100, 1.5)), (pb.mcallester_bound, (0.1, 1.0, 5, 0.1)),
-    (pb.mcallester_bound, (2.0, 1.0, 100, 0.1)), (pb.mcallester_bound, (0.1, -0.5, 100, 0.1)),
-    (pb.catoni_bound, (0.1, 1.0, 0, 0.1)), (pb.catoni_bound, (0.1, 1.0, 10, -0.1)),
-    (pb.catoni_bound, (0.1, 1.0, 10, 0.1, [])), (pb.catoni_bound, (0.1, 1.0, 10, 0.1, [1.0, -2.0])),
-    (pb.catoni_bound, (1.01, 1.0, 10, 0.1)), (pb.catoni_bound, (0.1, -1.0, 10, 0.1)),
-    (pb.quad_bound, (0.1, 1.0, 4, 0.1)), (pb.quad_bound, (0.1, -1.0, 100, 0.1)),
-    (pb.lambda_bound, (0.1, 1.0, 100, 0.1, 0.0)), (pb.lambda_bound, (0.1, 1.0, 100, 0.1, 2.0)),
-    (pb.lambda_bound, (0.1, 1.0, 100, 0.1, -1.0)), (pb.lambda_bound, (0.1, 1.0, 100, 0.1, np.nan)),
-    (pb.optimal_lambda, (0.1, 1.0, 100, 0.0)), (pb.all_bounds, (0.1, 1.0, 3, 0.1)),
-    (pb.all_bounds, (0.1, 1.0, 100, 1.0)), (pb.all_bounds, (-1e-3, 1.0, 100, 0.1)),
-    (pb.gaussian_kl, (0.0, -1.0, 0.0, 1.0)), (pb.gaussian_kl, (0.0, 1.0, 0.0, 0.0)),
-    (pb.gaussian_kl, ([0.0, 1.0], [1.0, -1.0], 0.0, 1.0)), (pb.gaussian_kl, (np.nan, 1.0, 0.0, 1.0)),
-    (pb.isotropic_gaussian_kl, (1.0, 10, -0.1, 1.0)), (pb.isotropic_gaussian_kl, (1.0, 10, 0.1, 0.0)),
-    (pb.isotropic_gaussian_kl, (-1.0, 10, 0.1, 1.0)), (pb.isotropic_gaussian_kl, (1.0, 0, 0.1, 1.0)),
-    (pb.prior_grid_cost, (0,)), (pb.prior_grid_cost, (2.5,)),
-    (pb.dziugaite_roy_prior_scale, (100, 0.1, 0)), (pb.dziugaite_roy_prior_scale, (-1, 0.1, 1)),
+    (pb.binary_kl, (1.2, 0.5)),
+    (pb.binary_kl, (0.5, -0.1)),
+    (pb.binary_kl, (np.nan, 0.5)),
+    (pb.kl_inverse_upper, (-0.1, 1.0)),
+    (pb.kl_inverse_upper, (0.5, -1.0)),
+    (pb.kl_inverse_upper, (0.5, np.nan)),
+    (pb.kl_inverse_upper, (0.5, 1.0, 0.0)),
+    (pb.kl_inverse_lower, (1.5, 1.0)),
+    (pb.kl_inverse_lower, (0.5, -1e-9)),
+    (pb.seeger_bound, (0.1, 1.0, 100, 0.0)),
+    (pb.seeger_bound, (0.1, 1.0, 100, 1.0)),
+    (pb.seeger_bound, (0.1, 1.0, 7, 0.05)),
+    (pb.seeger_bound, (0.1, 1.0, 0, 0.05)),
+    (pb.seeger_bound, (0.1, 1.0, 100.5, 0.05)),
+    (pb.seeger_bound, (1.1, 1.0, 100, 0.05)),
+    (pb.seeger_bound, (-0.1, 1.0, 100, 0.05)),
+    (pb.seeger_bound, (0.1, -1.0, 100, 0.05)),
+    (pb.seeger_bound, (0.1, math.inf, 100, 0.05)),
+    (pb.seeger_bound, (0.1, 1.0, True, 0.05)),
+    (pb.mcallester_bound, (0.1, 1.0, 100, 1.5)),
+    (pb.mcallester_bound, (0.1, 1.0, 5, 0.1)),
+    (pb.mcallester_bound, (2.0, 1.0, 100, 0.1)),
+    (pb.mcallester_bound, (0.1, -0.5, 100, 0.1)),
+    (pb.catoni_bound, (0.1, 1.0, 0, 0.1)),
+    (pb.catoni_bound, (0.1, 1.0, 10, -0.1)),
+    (pb.catoni_bound, (0.1, 1.0, 10, 0.1, [])),
+    (pb.catoni_bound, (0.1, 1.0, 10, 0.1, [1.0, -2.0])),
+    (pb.catoni_bound, (1.01, 1.0, 10, 0.1)),
+    (pb.catoni_bound, (0.1, -1.0, 10, 0.1)),
+    (pb.quad_bound, (0.1, 1.0, 4, 0.1)),
+    (pb.quad_bound, (0.1, -1.0, 100, 0.1)),
+    (pb.lambda_bound, (0.1, 1.0, 100, 0.1, 0.0)),
+    (pb.lambda_bound, (0.1, 1.0, 100, 0.1, 2.0)),
+    (pb.lambda_bound, (0.1, 1.0, 100, 0.1, -1.0)),
+    (pb.lambda_bound, (0.1, 1.0, 100, 0.1, np.nan)),
+    (pb.optimal_lambda, (0.1, 1.0, 100, 0.0)),
+    (pb.all_bounds, (0.1, 1.0, 3, 0.1)),
+    (pb.all_bounds, (0.1, 1.0, 100, 1.0)),
+    (pb.all_bounds, (-1e-3, 1.0, 100, 0.1)),
+    (pb.gaussian_kl, (0.0, -1.0, 0.0, 1.0)),
+    (pb.gaussian_kl, (0.0, 1.0, 0.0, 0.0)),
+    (pb.gaussian_kl, ([0.0, 1.0], [1.0, -1.0], 0.0, 1.0)),
+    (pb.gaussian_kl, (np.nan, 1.0, 0.0, 1.0)),
+    (pb.isotropic_gaussian_kl, (1.0, 10, -0.1, 1.0)),
+    (pb.isotropic_gaussian_kl, (1.0, 10, 0.1, 0.0)),
+    (pb.isotropic_gaussian_kl, (-1.0, 10, 0.1, 1.0)),
+    (pb.isotropic_gaussian_kl, (1.0, 0, 0.1, 1.0)),
+    (pb.prior_grid_cost, (0,)),
+    (pb.prior_grid_cost, (2.5,)),
+    (pb.dziugaite_roy_prior_scale, (100, 0.1, 0)),
+    (pb.dziugaite_roy_prior_scale, (-1, 0.1, 1)),
     (pb.dziugaite_roy_prior_scale, (100, -0.1, 1)),
-    (pb.mc_risk_upper, (0.1, 0, 0.01)), (pb.mc_risk_upper, (1.1, 10, 0.01)), (pb.mc_risk_upper, (0.1, 10, 1.0)),
+    (pb.mc_risk_upper, (0.1, 0, 0.01)),
+    (pb.mc_risk_upper, (1.1, 10, 0.01)),
+    (pb.mc_risk_upper, (0.1, 10, 1.0)),
     (pb.mc_risk_upper, (-0.1, 10, 0.01)),
-    (pb.certificate_bound, (0.1, 0, 1.0, 100, 0.05)), (pb.certificate_bound, (0.1, 10, 1.0, 100, 0.05, 0.05)),
-    (pb.certificate_bound, (0.1, 10, 1.0, 100, 0.05, 0.0)), (pb.certificate_bound, (0.1, 10, 1.0, 100, 0.05, None, 0)),
-    (pb.certificate_bound, (0.1, 10, 1.0, 7, 0.05)), (pb.certificate_bound, (0.1, 10, -1.0, 100, 0.05)),
-    (pb.certificate_bound, (1.5, 10, 1.0, 100, 0.05)), (pb.certificate_bound, (0.1, 10, 1.0, 100, 1.0)),
+    (pb.certificate_bound, (0.1, 0, 1.0, 100, 0.05)),
+    (pb.certificate_bound, (0.1, 10, 1.0, 100, 0.05, 0.05)),
+    (pb.certificate_bound, (0.1, 10, 1.0, 100, 0.05, 0.0)),
+    (pb.certificate_bound, (0.1, 10, 1.0, 100, 0.05, None, 0)),
+    (pb.certificate_bound, (0.1, 10, 1.0, 7, 0.05)),
+    (pb.certificate_bound, (0.1, 10, -1.0, 100, 0.05)),
+    (pb.certificate_bound, (1.5, 10, 1.0, 100, 0.05)),
+    (pb.certificate_bound, (0.1, 10, 1.0, 100, 1.0)),
 ]
 
 

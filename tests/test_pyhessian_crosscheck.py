@@ -4,15 +4,15 @@ PyHessian's ``dataloader_hv_product`` weights each batch by its size, like ours,
 Hessian-vector products must agree to float32 rounding; the two trace estimates must agree
 within their combined error bars.
 """
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import TinyCNN, batches
 
 import hessian_tools as ht
-
-from helpers import TinyCNN, batches
 
 pyhessian = pytest.importorskip("pyhessian")
 

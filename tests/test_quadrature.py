@@ -1,17 +1,17 @@
 """Batched Lanczos, Gauss quadrature and quadratic forms vᵀ f(H) v against dense eigendecompositions."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import PROBLEMS, known_spectrum
 
 from hessian_tools.estimators.common import CountingOperator
 from hessian_tools.estimators.lanczos import gauss_quadrature, lanczos_tridiagonal
 from hessian_tools.estimators.quadrature import quadratic_form, quadratic_forms
 from hessian_tools.operators.adapters import DenseOperator
 from hessian_tools.operators.hessian import HessianOperator
-
-from helpers import PROBLEMS, known_spectrum
 
 
 @pytest.fixture(scope="module")

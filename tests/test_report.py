@@ -9,26 +9,72 @@ from hessian_tools.stats import t95
 
 # trace, λmax and test accuracy per (method, seed)
 RUNS = {
-    ("sgd", 0): (100.0, 40.0, 0.90), ("sgd", 1): (200.0, 60.0, 0.92), ("sgd", 2): (400.0, 80.0, 0.94),
-    ("nso", 0): (90.0, 38.0, 0.91), ("nso", 1): (176.0, 57.0, 0.92), ("nso", 2): (364.0, 78.0, 0.93),
+    ("sgd", 0): (100.0, 40.0, 0.90),
+    ("sgd", 1): (200.0, 60.0, 0.92),
+    ("sgd", 2): (400.0, 80.0, 0.94),
+    ("nso", 0): (90.0, 38.0, 0.91),
+    ("nso", 1): (176.0, 57.0, 0.92),
+    ("nso", 2): (364.0, 78.0, 0.93),
 }
 
 
 def _results():
     runs = []
     for (method, seed), (trace, lmax, acc) in RUNS.items():
-        analysis = {"kind": "checkpoint_analysis", "name": f"{method}-s{seed}", "dim": 10, "n_train": 250,
-                    "n_test": 646, "train_loss": 0.1, "train_acc": 1.0, "test_loss": 0.3, "test_acc": acc, "seed": 0,
-                    "hvps": 100, "wall_time_s": 1.0,
-                    "trace": {"kind": "trace", "estimate": trace, "stderr": 1.0, "hvps": 50, "method": "hutchpp",
-                              "seed": 0, "n_probes": 30},
-                    "top": {"kind": "eigen", "values": [lmax], "residuals": [1e-5], "converged": True, "hvps": 10,
-                            "which": "LA", "method": "lanczos", "tol": 1e-4, "seed": 0}}
+        analysis = {
+            "kind": "checkpoint_analysis",
+            "name": f"{method}-s{seed}",
+            "dim": 10,
+            "n_train": 250,
+            "n_test": 646,
+            "train_loss": 0.1,
+            "train_acc": 1.0,
+            "test_loss": 0.3,
+            "test_acc": acc,
+            "seed": 0,
+            "hvps": 100,
+            "wall_time_s": 1.0,
+            "trace": {
+                "kind": "trace",
+                "estimate": trace,
+                "stderr": 1.0,
+                "hvps": 50,
+                "method": "hutchpp",
+                "seed": 0,
+                "n_probes": 30,
+            },
+            "top": {
+                "kind": "eigen",
+                "values": [lmax],
+                "residuals": [1e-5],
+                "converged": True,
+                "hvps": 10,
+                "which": "LA",
+                "method": "lanczos",
+                "tol": 1e-4,
+                "seed": 0,
+            },
+        }
         runs.append({"name": f"{method}-s{seed}", "method": method, "seed": seed, "analysis": analysis})
-    config = {"model": "resnet", "seeds": [0, 1, 2], "per_class": 50, "finetune_epochs": 10, "lr": 0.02,
-              "schedule": "cosine", "batch_size": 32, "sigma": 0.03, "k": 1, "rho": 0.05}
-    return {"runs": runs, "config": config, "pretrain": {"test_acc": 1.0}, "data": {"n_train": 250, "n_test": 646},
-            "wall_time_s": 1.0}
+    config = {
+        "model": "resnet",
+        "seeds": [0, 1, 2],
+        "per_class": 50,
+        "finetune_epochs": 10,
+        "lr": 0.02,
+        "schedule": "cosine",
+        "batch_size": 32,
+        "sigma": 0.03,
+        "k": 1,
+        "rho": 0.05,
+    }
+    return {
+        "runs": runs,
+        "config": config,
+        "pretrain": {"test_acc": 1.0},
+        "data": {"n_train": 250, "n_test": 646},
+        "wall_time_s": 1.0,
+    }
 
 
 def test_method_summary_is_the_t_interval_over_seeds():
@@ -51,17 +97,50 @@ def test_nso_vs_sgd_row_shows_the_paired_and_unpaired_changes():
 
 
 # --------------------------------------------------------------------------- the certificates
-BOUNDS = {("sgd", 0): 0.30, ("sgd", 1): 0.26, ("sgd", 2): 0.34, ("sam", 0): 0.31, ("sam", 1): 0.25, ("sam", 2): 0.33,
-          ("nso", 0): 0.27, ("nso", 1): 0.25, ("nso", 2): 0.30}
+BOUNDS = {
+    ("sgd", 0): 0.30,
+    ("sgd", 1): 0.26,
+    ("sgd", 2): 0.34,
+    ("sam", 0): 0.31,
+    ("sam", 1): 0.25,
+    ("sam", 2): 0.33,
+    ("nso", 0): 0.27,
+    ("nso", 1): 0.25,
+    ("nso", 2): 0.30,
+}
 
 
 def _certificate(bound, posterior_test_error=0.05):
-    return {"kind": "posterior_certificate", "bound": bound, "delta": 0.05, "delta_bound": 0.04, "delta_mc": 0.01,
-            "n": 125, "kl": 0.4, "mc_error": 0.10, "mc_stderr": 0.001, "mc_upper": 0.12, "n_mc": 1000,
-            "lambdas": [0.00794], "grid_cost": 3.71, "posterior_test_error": posterior_test_error,
-            "posterior_test_stderr": 0.001, "test_error": 0.036, "mean_test_error": 0.04, "n_test": 646,
-            "n_mc_test": 200, "prior": "data-dependent", "prior_split": 0.5, "n_prior": 125, "variance": "layer",
-            "optimise_mean": True, "seed": 0, "steps": 600, "evaluations": 1800, "wall_time_s": 30.0}
+    return {
+        "kind": "posterior_certificate",
+        "bound": bound,
+        "delta": 0.05,
+        "delta_bound": 0.04,
+        "delta_mc": 0.01,
+        "n": 125,
+        "kl": 0.4,
+        "mc_error": 0.10,
+        "mc_stderr": 0.001,
+        "mc_upper": 0.12,
+        "n_mc": 1000,
+        "lambdas": [0.00794],
+        "grid_cost": 3.71,
+        "posterior_test_error": posterior_test_error,
+        "posterior_test_stderr": 0.001,
+        "test_error": 0.036,
+        "mean_test_error": 0.04,
+        "n_test": 646,
+        "n_mc_test": 200,
+        "prior": "data-dependent",
+        "prior_split": 0.5,
+        "n_prior": 125,
+        "variance": "layer",
+        "optimise_mean": True,
+        "seed": 0,
+        "steps": 600,
+        "evaluations": 1800,
+        "wall_time_s": 30.0,
+    }
 
 
 def _certified_results(violate=None):
@@ -111,16 +190,31 @@ def test_a_violated_certificate_is_flagged_loudly():
 
     rows = bound_rows({"certificate": _certificate(0.25, 0.26)})
     assert any(row[0] == "CERTIFICATE VIOLATED" for row in rows)
-    assert not any(row[0] == "CERTIFICATE VIOLATED" for row in bound_rows({"certificate": _certificate(0.25, 0.2)}))
+    assert not any(
+        row[0] == "CERTIFICATE VIOLATED" for row in bound_rows({"certificate": _certificate(0.25, 0.2)})
+    )
 
 
 def test_comparison_rows_with_bounds_add_the_bound_columns_and_the_pair_difference():
     from hessian_tools.app.report import comparison_header, comparison_rows
 
     trace = {"kind": "trace", "estimate": 10.0, "stderr": 0.1, "hvps": 50}
-    comparison = {"names": ["a", "b"], "traces": [trace, dict(trace, estimate=8.0)],
-                  "pairs": [{"a": "a", "b": "b", "difference": -2.0, "stderr": 0.05, "relative_change": -0.2,
-                             "relative_change_stderr": 0.005, "independent_stderr": 0.14, "tightening": 2.8}]}
+    comparison = {
+        "names": ["a", "b"],
+        "traces": [trace, dict(trace, estimate=8.0)],
+        "pairs": [
+            {
+                "a": "a",
+                "b": "b",
+                "difference": -2.0,
+                "stderr": 0.05,
+                "relative_change": -0.2,
+                "relative_change_stderr": 0.005,
+                "independent_stderr": 0.14,
+                "tightening": 2.8,
+            }
+        ],
+    }
     rows = comparison_rows(comparison, {"a": _certificate(0.30), "b": _certificate(0.26)})
     assert len(comparison_header(True)) == len(rows[0]) == len(rows[2]) == 10
     assert rows[0][6:] == ["0.3", "0.05 ± 0.002", "0.4", "125"] and rows[2][6] == "-0.0400"

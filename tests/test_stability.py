@@ -1,18 +1,18 @@
 """Noise stability E[f(W+U)] − f(W) against σ²/2·Tr(H): exact on a quadratic loss, → 1 as σ → 0 otherwise."""
+
 import math
 
 import pytest
 import torch
+from helpers import PROBLEMS, TinyCNN, batches
 from torch import nn
 from torch.func import functional_call
 
 from hessian_tools import HessianOperator
 from hessian_tools.estimators import trace
-from hessian_tools.results import StabilityCurveResult, StabilityResult
 from hessian_tools.estimators.probes import gaussian_rows
+from hessian_tools.results import StabilityCurveResult, StabilityResult
 from hessian_tools.stability import PerturbedEvaluator, noise_stability, stability_curve
-
-from helpers import PROBLEMS, TinyCNN, batches
 
 mse = nn.functional.mse_loss
 ce = nn.functional.cross_entropy
@@ -34,7 +34,9 @@ def linear_regression(seed=0, n=60, d=6):
 
 
 def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [
+        m.training for m in model.modules()
+    ]
 
 
 def assert_unchanged(model, snap):
@@ -80,7 +82,9 @@ def test_antithetic_sample_is_exactly_the_quadratic_form():
 def test_one_sided_has_the_same_mean_but_larger_variance():
     model, X, y, T = linear_regression(seed=2)
     a = noise_stability(model, mse, (X, y), 0.05, n_samples=128, seed=0, dtype=torch.float64)
-    b = noise_stability(model, mse, (X, y), 0.05, n_samples=128, antithetic=False, seed=0, dtype=torch.float64)
+    b = noise_stability(
+        model, mse, (X, y), 0.05, n_samples=128, antithetic=False, seed=0, dtype=torch.float64
+    )
     assert b.variance_reduction == 1.0 and b.one_sided_stderr == b.stderr
     assert b.stderr > 4 * a.stderr
     assert abs(b.estimate - 0.00125 * T) <= 3 * b.stderr
@@ -110,7 +114,7 @@ def test_ratio_tends_to_one_for_non_quadratic_loss():
     assert curve.taylor_holds[:3] == (True, True, True)
     assert curve.breakdown_index is not None and curve.breakdown_index >= 3
     assert curve.breakdown_sigma == curve.sigmas[curve.breakdown_index]
-    assert all(not h for h in curve.taylor_holds[curve.breakdown_index:])
+    assert all(not h for h in curve.taylor_holds[curve.breakdown_index :])
     for i in range(len(sigmas)):
         assert curve.predicted[i] == pytest.approx(curve.sigmas[i] ** 2 / 2 * T)
         assert curve.predicted_stderr[i] == 0.0
@@ -122,11 +126,21 @@ def test_ratio_tends_to_one_for_non_quadratic_loss():
 def test_curve_with_operator_propagates_trace_stderr():
     model, X, y, T = linear_regression(seed=4)
     op = HessianOperator(model, mse, (X, y), dtype=torch.float64)
-    curve = stability_curve(model, mse, (X, y), [0.1, 0.4], op, n_samples=64, dtype=torch.float64,
-                            trace_kwargs={"method": "hutchinson", "max_hvps": 20})
+    curve = stability_curve(
+        model,
+        mse,
+        (X, y),
+        [0.1, 0.4],
+        op,
+        n_samples=64,
+        dtype=torch.float64,
+        trace_kwargs={"method": "hutchinson", "max_hvps": 20},
+    )
     assert curve.hvps == 20 and curve.trace_stderr > 0
     for s, p, ps in zip(curve.sigmas, curve.predicted, curve.predicted_stderr):
-        assert p == pytest.approx(s * s / 2 * curve.trace) and ps == pytest.approx(s * s / 2 * curve.trace_stderr)
+        assert p == pytest.approx(s * s / 2 * curve.trace) and ps == pytest.approx(
+            s * s / 2 * curve.trace_stderr
+        )
     assert all(curve.taylor_holds)
     assert curve.breakdown_index is None and curve.breakdown_sigma is None
     tr = trace(op, method="hutchinson", max_hvps=20, seed=0)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import known_spectrum
 
 import hessian_tools as ht
 from hessian_tools.estimators.paired import paired_difference
@@ -18,8 +19,6 @@ from hessian_tools.stats import (
     relative_change_ci,
     t95,
 )
-
-from helpers import known_spectrum
 
 
 def test_mean_and_stderr_by_hand():
@@ -51,7 +50,9 @@ def test_paired_and_unpaired_relative_changes_by_hand():
     assert half == pytest.approx(t95(3) * np.std([-0.10, -0.12, -0.09], ddof=1) / math.sqrt(3), rel=1e-12)
     change, unpaired = relative_change_ci(new, base)
     ratio = np.mean(new) / np.mean(base)
-    se = ratio * math.hypot(np.std(new, ddof=1) / math.sqrt(3) / np.mean(new), np.std(base, ddof=1) / math.sqrt(3) / np.mean(base))
+    se = ratio * math.hypot(
+        np.std(new, ddof=1) / math.sqrt(3) / np.mean(new), np.std(base, ddof=1) / math.sqrt(3) / np.mean(base)
+    )
     assert change == pytest.approx(ratio - 1) and unpaired == pytest.approx(Z95 * se)
     # the seed-to-seed spread is large, the per-seed change is not: pairing is what resolves the effect
     assert half < unpaired / 10
@@ -79,8 +80,9 @@ def test_common_probes_give_a_tighter_interval_than_independent_ones():
     g = torch.Generator().manual_seed(7)
     E = torch.randn(200, 200, generator=g, dtype=torch.float64)
     H2 = H + 0.01 * (E + E.T) / 2 + 0.05 * torch.eye(200, dtype=torch.float64)
-    comparison = ht.paired_traces({"a": ht.DenseOperator(H), "b": ht.DenseOperator(H2)}, method="hutchinson",
-                                  max_hvps=100, seed=3)
+    comparison = ht.paired_traces(
+        {"a": ht.DenseOperator(H), "b": ht.DenseOperator(H2)}, method="hutchinson", max_hvps=100, seed=3
+    )
     pair = comparison.pairs[0]
     exact = float(torch.trace(H2) - torch.trace(H))
     assert pair.tightening > 5

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import PROBLEMS, batches, exact_hessian, known_spectrum
 
 import hessian_tools as ht
 from hessian_tools.results import TraceResult
-
-from helpers import PROBLEMS, batches, exact_hessian, known_spectrum
 
 SEEDS = range(20)
 
@@ -53,8 +52,10 @@ def test_reported_error_shrinks_with_budget(method, spectrum_op):
 def test_hutchpp_beats_hutchinson_on_a_spectrum_with_outliers(spectrum_op):
     op, H = spectrum_op
     exact = float(torch.trace(H))
-    err = {m: sum(abs(ht.trace(op, method=m, max_hvps=60, seed=s).estimate - exact) for s in range(10))
-           for m in ("hutchinson", "hutchpp")}
+    err = {
+        m: sum(abs(ht.trace(op, method=m, max_hvps=60, seed=s).estimate - exact) for s in range(10))
+        for m in ("hutchinson", "hutchpp")
+    }
     assert err["hutchpp"] < err["hutchinson"] / 3
 
 
@@ -110,8 +111,11 @@ def test_same_seed_same_numbers_and_json_round_trip(method, mlp_op):
 def test_trace_accepts_scipy_and_numpy_operators(spectrum_op):
     op, H = spectrum_op
     import scipy.sparse.linalg as sla
+
     ref = ht.trace(op, max_hvps=45, seed=2).estimate
-    assert ht.trace(sla.aslinearoperator(H.numpy()), max_hvps=45, seed=2).estimate == pytest.approx(ref, rel=1e-12)
+    assert ht.trace(sla.aslinearoperator(H.numpy()), max_hvps=45, seed=2).estimate == pytest.approx(
+        ref, rel=1e-12
+    )
     assert ht.trace(H.numpy(), max_hvps=45, seed=2).estimate == pytest.approx(ref, rel=1e-12)
 
 

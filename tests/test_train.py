@@ -1,4 +1,5 @@
 """Training runs: the run folder, safe checkpoints, seeding, resume, fine-tuning."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,16 +10,25 @@ import pytest
 import torch
 
 import hessian_tools.app.runs as train_mod
-from hessian_tools.errors import CheckpointError, NonFiniteError
-from hessian_tools.app.zoo.models import seeded_build
 from hessian_tools.app.runs import TrainConfig, build_run_model, evaluate, load_run, train
+from hessian_tools.app.zoo.models import seeded_build
+from hessian_tools.errors import CheckpointError, NonFiniteError
 
 SYN = "builtin:synthetic?n=120&d=6&num_classes=3"
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(model="mlp", model_kwargs={"hidden": [16]}, data=SYN, method="sgd", lr=0.1,
-                momentum=0.9, epochs=2, batch_size=32, seed=0)
+    base = dict(
+        model="mlp",
+        model_kwargs={"hidden": [16]},
+        data=SYN,
+        method="sgd",
+        lr=0.1,
+        momentum=0.9,
+        epochs=2,
+        batch_size=32,
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -36,7 +46,15 @@ def test_two_epoch_run_writes_every_file(tmp_path):
     seen = []
     run = train(cfg, tmp_path / "run", progress=seen.append)
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["epoch_001.pt", "epoch_002.pt", "final.pt", "init.pt", "run.json", "state_001.pt", "state_002.pt"]
+    assert names == [
+        "epoch_001.pt",
+        "epoch_002.pt",
+        "final.pt",
+        "init.pt",
+        "run.json",
+        "state_001.pt",
+        "state_002.pt",
+    ]
     assert [r["epoch"] for r in seen] == [1, 2]
 
     meta = json.loads((run / "run.json").read_text())
@@ -81,8 +99,10 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     c = train(config(seed=1), tmp_path / "c")
     assert same_weights(weights(a / "final.pt"), weights(b / "final.pt"))
     assert not same_weights(weights(a / "final.pt"), weights(c / "final.pt"))
-    assert json.loads((a / "run.json").read_text())["epochs"][1]["test_loss"] == \
-        json.loads((b / "run.json").read_text())["epochs"][1]["test_loss"]
+    assert (
+        json.loads((a / "run.json").read_text())["epochs"][1]["test_loss"]
+        == json.loads((b / "run.json").read_text())["epochs"][1]["test_loss"]
+    )
 
 
 METHODS = [("sgd", {}), ("nso", {"sigma": 0.05}), ("sam", {"rho": 0.05})]
@@ -90,8 +110,16 @@ METHODS = [("sgd", {}), ("nso", {"sigma": 0.05}), ("sam", {"rho": 0.05})]
 
 @pytest.mark.parametrize("method, opts", METHODS)
 def test_resume_after_losing_the_last_epoch_is_bit_identical(tmp_path, method, opts):
-    cfg = config(method=method, epochs=3, model="cnn", model_kwargs={"channels": 4, "batchnorm": True},
-                 data="builtin:digits-finetune?per_class=12", batch_size=16, lr=0.05, **opts)
+    cfg = config(
+        method=method,
+        epochs=3,
+        model="cnn",
+        model_kwargs={"channels": 4, "batchnorm": True},
+        data="builtin:digits-finetune?per_class=12",
+        batch_size=16,
+        lr=0.05,
+        **opts,
+    )
     full = train(cfg, tmp_path / "full")
 
     part = tmp_path / "part"
@@ -108,7 +136,10 @@ def test_resume_after_losing_the_last_epoch_is_bit_identical(tmp_path, method, o
     resumed = json.loads((part / "run.json").read_text())
     assert resumed["status"] == "finished" and resumed["resumed_at"] == [2]
     assert [r["epoch"] for r in resumed["epochs"]] == [1, 2, 3]
-    assert resumed["epochs"][2]["test_loss"] == json.loads((full / "run.json").read_text())["epochs"][2]["test_loss"]
+    assert (
+        resumed["epochs"][2]["test_loss"]
+        == json.loads((full / "run.json").read_text())["epochs"][2]["test_loss"]
+    )
 
 
 def test_interrupted_run_keeps_finished_epochs_and_resumes(tmp_path):
@@ -147,12 +178,20 @@ def test_resume_and_overwrite_guards(tmp_path):
 
 
 def test_finetune_from_checkpoint_reinitialises_the_head(tmp_path):
-    pre_cfg = config(model="cnn", model_kwargs={"channels": 4}, data="builtin:digits-pretrain", epochs=1, batch_size=64)
+    pre_cfg = config(
+        model="cnn", model_kwargs={"channels": 4}, data="builtin:digits-pretrain", epochs=1, batch_size=64
+    )
     pre = train(pre_cfg, tmp_path / "pre")
     pre_sd = weights(pre / "final.pt")
 
-    ft_cfg = config(model="cnn", model_kwargs={"channels": 4}, data="builtin:digits-finetune?per_class=10",
-                    epochs=1, seed=3, init_checkpoint=str(pre / "final.pt"))
+    ft_cfg = config(
+        model="cnn",
+        model_kwargs={"channels": 4},
+        data="builtin:digits-finetune?per_class=10",
+        epochs=1,
+        seed=3,
+        init_checkpoint=str(pre / "final.pt"),
+    )
     ft = train(ft_cfg, tmp_path / "ft")
     init = weights(ft / "init.pt")
     fresh = seeded_build(3, "cnn", 5, input_shape=(1, 8, 8), channels=4).state_dict()
@@ -164,20 +203,46 @@ def test_finetune_from_checkpoint_reinitialises_the_head(tmp_path):
     assert json.loads((ft / "run.json").read_text())["head_reinitialised"] is True
 
     # reinit_head=False keeps the head when it fits ...
-    keep = train(config(model="cnn", model_kwargs={"channels": 4}, data="builtin:digits-finetune?per_class=10",
-                        epochs=1, init_checkpoint=str(pre / "final.pt"), reinit_head=False), tmp_path / "keep")
+    keep = train(
+        config(
+            model="cnn",
+            model_kwargs={"channels": 4},
+            data="builtin:digits-finetune?per_class=10",
+            epochs=1,
+            init_checkpoint=str(pre / "final.pt"),
+            reinit_head=False,
+        ),
+        tmp_path / "keep",
+    )
     assert same_weights(weights(keep / "init.pt"), pre_sd)
     # ... and re-initialises it when the number of classes differs (10 vs 5)
-    full10 = train(config(model="cnn", model_kwargs={"channels": 4}, data="builtin:digits", epochs=1,
-                          init_checkpoint=str(pre / "final.pt"), reinit_head=False), tmp_path / "ten")
+    full10 = train(
+        config(
+            model="cnn",
+            model_kwargs={"channels": 4},
+            data="builtin:digits",
+            epochs=1,
+            init_checkpoint=str(pre / "final.pt"),
+            reinit_head=False,
+        ),
+        tmp_path / "ten",
+    )
     meta = json.loads((full10 / "run.json").read_text())
     assert meta["head_reinitialised"] is True and meta["num_classes"] == 10
     assert torch.equal(weights(full10 / "init.pt")["features.0.weight"], pre_sd["features.0.weight"])
 
     # a checkpoint of another architecture is refused with the key/shape report
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        train(config(model="cnn", model_kwargs={"channels": 8}, data="builtin:digits-finetune", epochs=1,
-                     init_checkpoint=str(pre / "final.pt")), tmp_path / "bad")
+        train(
+            config(
+                model="cnn",
+                model_kwargs={"channels": 8},
+                data="builtin:digits-finetune",
+                epochs=1,
+                init_checkpoint=str(pre / "final.pt"),
+            ),
+            tmp_path / "bad",
+        )
 
 
 def test_factory_model_runs_and_rebuilds(tmp_path, monkeypatch):

@@ -1,17 +1,17 @@
 """XTrace against exact traces: a dense matrix with a known spectrum and the Hessian of a tiny MLP."""
+
 import math
 
 import pytest
 import torch
+from helpers import PROBLEMS, BlockedDense, known_spectrum
 
 from hessian_tools.estimators.common import CountingOperator
 from hessian_tools.estimators.epperly2024xtrace import xtrace
 from hessian_tools.estimators.probes import gaussian
-from hessian_tools.seeding import seeded_generator
 from hessian_tools.estimators.trace import trace
 from hessian_tools.operators.hessian import HessianOperator
-
-from helpers import PROBLEMS, BlockedDense, known_spectrum
+from hessian_tools.seeding import seeded_generator
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,17 @@ def test_downdating_matches_leave_one_out_qrs(spectrum):
     A, _ = spectrum
     result = xtrace(A, max_hvps=24, seed=3)
     expected = brute_force_samples(A, 12, 3)
-    torch.testing.assert_close(torch.tensor(result.samples, dtype=torch.float64), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        torch.tensor(result.samples, dtype=torch.float64), expected, rtol=1e-10, atol=1e-10
+    )
     assert result.estimate == pytest.approx(float(expected.mean()), rel=1e-12)
 
 
 def test_error_bar_covers_exact_trace(spectrum):
     A, exact = spectrum
-    inside = sum(abs(r.estimate - exact) <= 3 * r.stderr for r in (xtrace(A, max_hvps=40, seed=s) for s in range(20)))
+    inside = sum(
+        abs(r.estimate - exact) <= 3 * r.stderr for r in (xtrace(A, max_hvps=40, seed=s) for s in range(20))
+    )
     assert inside >= 18
 
 
@@ -65,8 +69,17 @@ def test_stderr_shrinks_with_budget(spectrum):
     assert rms(large) < rms(small)
 
 
-@pytest.mark.parametrize("max_hvps, error_bar", [(12, "exchangeable"), (13, "exchangeable"), (30, "exchangeable"),
-                                                  (14, "jackknife"), (15, "jackknife"), (30, "jackknife")])
+@pytest.mark.parametrize(
+    "max_hvps, error_bar",
+    [
+        (12, "exchangeable"),
+        (13, "exchangeable"),
+        (30, "exchangeable"),
+        (14, "jackknife"),
+        (15, "jackknife"),
+        (30, "jackknife"),
+    ],
+)
 def test_exact_on_low_rank(max_hvps, error_bar):
     g = torch.Generator().manual_seed(1)
     U, _ = torch.linalg.qr(torch.randn(200, 5, generator=g, dtype=torch.float64))
@@ -97,7 +110,9 @@ def test_hessian_of_mlp_with_blocks(mlp):
         assert sum(b.estimate for b in r.blocks) == pytest.approx(r.estimate, rel=1e-10, abs=1e-12)
         assert r.hvps == 40 and r.method == "xtrace" and r.n_probes == 20
     exact_blocks = [float(torch.diagonal(H)[b.slice].sum()) for b in op.blocks]
-    inside = sum(abs(b.estimate - e) <= 3 * b.stderr + 1e-12 for r in results for b, e in zip(r.blocks, exact_blocks))
+    inside = sum(
+        abs(b.estimate - e) <= 3 * b.stderr + 1e-12 for r in results for b, e in zip(r.blocks, exact_blocks)
+    )
     assert inside >= 0.9 * len(results) * len(exact_blocks)
 
 

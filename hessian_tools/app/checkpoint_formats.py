@@ -21,6 +21,7 @@ installed, and is never imported.
 Every error is one line of plain text (torch's own messages carry ANSI escape codes, which are
 removed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,8 @@ STATE_DICT_ENTRY_NAMES = ("state_dict", "model_state_dict", "model", "module", "
 
 class _PlainAttributeDict:
     """Stand-in for Lightning's ``AttributeDict`` (a ``dict`` subclass): it unpickles as a plain ``dict``,
-    which the restricted unpickler then fills with the values it built itself."""
+    which the restricted unpickler then fills with the values it built itself.
+    """
 
     def __new__(cls, *args):
         return {}
@@ -105,8 +107,16 @@ def _read_safetensors(path: Path, map_location) -> dict:
         raise CheckpointError(f"{path} is not a readable safetensors file ({plain_line(exc, 160)})") from None
 
 
-_UNREADABLE = (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
-               TypeError)
+_UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    zipfile.BadZipFile,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+)
 _REFUSAL_MARKERS = ("weights_only", "Unsupported global", "Weights only load failed")
 
 
@@ -125,7 +135,8 @@ def _read_torch(path: Path, map_location) -> object:
 
 def _harmless_globals_allowed():
     """:data:`HARMLESS_GLOBALS` allowed for the ``with`` block (torch ≥ 2.6 maps a name to a stand-in;
-    with an older torch such files are refused as before)."""
+    with an older torch such files are refused as before).
+    """
     if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
         return contextlib.nullcontext()
     return torch.serialization.safe_globals(HARMLESS_GLOBALS)
@@ -135,8 +146,9 @@ def _refusal(path: Path, exc: Exception) -> str:
     """One line: what the file asks for, why it is refused, and the one-line re-save that fixes it."""
     wanted = _unsafe_globals(path) or _globals_named_in(str(exc))
     strings = _pickle_strings(path)
-    is_module = (any(name.startswith("torch.nn.modules.") for name in wanted)
-                 or {"_modules", "_parameters"} <= strings)
+    is_module = (
+        any(name.startswith("torch.nn.modules.") for name in wanted) or {"_modules", "_parameters"} <= strings
+    )
     shown = ", ".join(wanted[:3]) + (f" and {len(wanted) - 3} more" if len(wanted) > 3 else "")
     target = path.with_suffix(".pt") if path.suffix != ".pt" else path.with_name(f"{path.stem}.state_dict.pt")
     if is_module:
@@ -147,10 +159,14 @@ def _refusal(path: Path, exc: Exception) -> str:
         what = "Python objects beyond tensors" + (f" (it needs {shown})" if shown else "")
         key = next((name for name in STATE_DICT_ENTRY_NAMES if name in strings), None)
         weights = f"c[{key!r}]" if key else "{k: v for k, v in c.items() if isinstance(v, torch.Tensor)}"
-        resave = (f"import torch; c = torch.load({str(path)!r}, weights_only=False); "
-                  f"torch.save({weights}, {str(target)!r})")
-    return (f"refused to load {path}: it holds {what}, whose unpickling could run code (weights_only=True); "
-            f"if you trust the file, re-save its weights in your own environment: python -c \"{resave}\"")
+        resave = (
+            f"import torch; c = torch.load({str(path)!r}, weights_only=False); "
+            f"torch.save({weights}, {str(target)!r})"
+        )
+    return (
+        f"refused to load {path}: it holds {what}, whose unpickling could run code (weights_only=True); "
+        f'if you trust the file, re-save its weights in your own environment: python -c "{resave}"'
+    )
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -171,7 +187,8 @@ def _globals_named_in(message: str) -> list[str]:
 
 def _pickle_strings(path: Path) -> set[str]:
     """The short string constants of the main pickle of a zip checkpoint (dict keys, attribute
-    names), found by disassembling it with :mod:`pickletools` — nothing is built or run."""
+    names), found by disassembling it with :mod:`pickletools` — nothing is built or run.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
@@ -181,4 +198,3 @@ def _pickle_strings(path: Path) -> set[str]:
         return {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str) and len(arg) <= 64}
     except Exception:  # noqa: BLE001 - only a better message is at stake
         return set()
-

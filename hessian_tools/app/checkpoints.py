@@ -21,6 +21,7 @@ loaded partially. When several fit, the model's own weights are preferred over a
 ``state_dict.model_ema``. What was used and stripped is returned (:class:`CheckpointFit`) and said
 in one line (:attr:`CheckpointFit.note`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,9 @@ import inspect
 import os
 import re
 from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -72,8 +74,10 @@ class CheckpointFit:
         if self.prefix:
             parts.append(f"stripped prefix {self.prefix!r} from {len(self.state_dict)} keys")
         if self.unused:
-            parts.append(f"left {len(self.unused)} other tensor(s) of the entry unused, first: "
-                         + ", ".join(self.unused[:3]))
+            parts.append(
+                f"left {len(self.unused)} other tensor(s) of the entry unused, first: "
+                + ", ".join(self.unused[:3])
+            )
         if self.also_fits:
             parts.append(f"also fits: {', '.join(map(repr, self.also_fits))} (choose with --checkpoint-key)")
         return f"{'; '.join(parts)} ({self.source})" if parts else None
@@ -104,10 +108,12 @@ def _location(entry: str, prefix: str) -> str:
     return ".".join(part for part in (entry, prefix.rstrip(".")) if part)
 
 
-def _tensor_entries(obj: Any, path: tuple[str, ...] = (), ancestors: tuple[int, ...] = ()
-                    ) -> Iterator[tuple[tuple[str, ...], Mapping]]:
+def _tensor_entries(
+    obj: Any, path: tuple[str, ...] = (), ancestors: tuple[int, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Mapping]]:
     """Every mapping inside ``obj`` (nested through mappings only) that holds at least one tensor.
-    The same mapping reached by two names is listed under both; a mapping inside itself only once."""
+    The same mapping reached by two names is listed under both; a mapping inside itself only once.
+    """
     if not isinstance(obj, Mapping) or id(obj) in ancestors or len(path) > _MAX_DEPTH:
         return
     if any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -121,7 +127,7 @@ def _split_points(key: str) -> Iterator[tuple[str, str]]:
     yield "", key
     for i, char in enumerate(key):
         if char == ".":
-            yield key[: i + 1], key[i + 1:]
+            yield key[: i + 1], key[i + 1 :]
 
 
 def _candidates(path, entry, shapes, extra) -> Iterator[tuple[_Candidate, bool]]:
@@ -148,7 +154,8 @@ def _candidates(path, entry, shapes, extra) -> Iterator[tuple[_Candidate, bool]]
 
 def _strip(entry: Mapping, prefix: str, keys) -> OrderedDict:
     """The entry's values under ``prefix`` for ``keys``; torch's per-module ``_metadata`` (versions
-    that some layers consult when loading) is carried over with the same prefix removed."""
+    that some layers consult when loading) is carried over with the same prefix removed.
+    """
     out = OrderedDict((k, entry[prefix + k]) for k in keys if prefix + k in entry)
     metadata = getattr(entry, "_metadata", None)
     if metadata is None and isinstance(entry.get("_metadata"), Mapping):
@@ -156,22 +163,25 @@ def _strip(entry: Mapping, prefix: str, keys) -> OrderedDict:
     if isinstance(metadata, Mapping):
         module = prefix[:-1]
         out._metadata = OrderedDict(
-            (name if not prefix else ("" if name == module else name[len(prefix):]), value)
+            (name if not prefix else ("" if name == module else name[len(prefix) :]), value)
             for name, value in metadata.items()
-            if not prefix or name == module or str(name).startswith(prefix))
+            if not prefix or name == module or str(name).startswith(prefix)
+        )
     return out
 
 
 def _misfit(expected: Mapping[str, Any], state_dict: Mapping[str, Any]) -> str | None:
     """What keeps ``state_dict`` from fitting a model whose state_dict is ``expected``: the first few
     shape mismatches, missing keys and unexpected tensors; None when it fits. Unexpected non-tensor
-    entries (framework metadata) do not count."""
+    entries (framework metadata) do not count.
+    """
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k, v in state_dict.items() if k not in expected and isinstance(v, torch.Tensor)]
     mismatched = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if isinstance(v, torch.Tensor) and k in state_dict
+        if isinstance(v, torch.Tensor)
+        and k in state_dict
         and (not isinstance(state_dict[k], torch.Tensor) or tuple(state_dict[k].shape) != tuple(v.shape))
     ]
     parts = []
@@ -184,8 +194,9 @@ def _misfit(expected: Mapping[str, Any], state_dict: Mapping[str, Any]) -> str |
     return " | ".join(parts) or None
 
 
-def fit_state_dict(model: torch.nn.Module, obj: Any, source: str = "checkpoint", key: str | None = None
-                   ) -> CheckpointFit:
+def fit_state_dict(
+    model: torch.nn.Module, obj: Any, source: str = "checkpoint", key: str | None = None
+) -> CheckpointFit:
     """Find the weights for ``model`` in ``obj`` (what a checkpoint file holds); see the module doc.
 
     Raises :class:`CheckpointError` (one line) when no candidate fits — naming, for the closest
@@ -200,54 +211,78 @@ def fit_state_dict(model: torch.nn.Module, obj: Any, source: str = "checkpoint",
         raise CheckpointError(f"{source} does not hold a state_dict (a mapping of names to tensors)")
     if key is not None and key.strip("."):
         wanted = key.strip(".")
-        chosen = [(c, fits) for c, fits in found
-                  if c.location == wanted or c.location.startswith(wanted + ".")]
+        chosen = [
+            (c, fits) for c, fits in found if c.location == wanted or c.location.startswith(wanted + ".")
+        ]
         if not chosen:
             entries = sorted({repr(c.entry_name) if c.entry_name else "the top level" for c, _ in found})
-            raise CheckpointError(f"{source} has no state_dict at {wanted!r} (--checkpoint-key); "
-                                  f"mappings holding tensors: {', '.join(entries[:6])}")
+            raise CheckpointError(
+                f"{source} has no state_dict at {wanted!r} (--checkpoint-key); "
+                f"mappings holding tensors: {', '.join(entries[:6])}"
+            )
         found = chosen
-    fitting = sorted((c for c, fits in found if fits),
-                     key=lambda c: (c.averaged, bool(c.unused), len(c.location)))
+    fitting = sorted(
+        (c for c, fits in found if fits), key=lambda c: (c.averaged, bool(c.unused), len(c.location))
+    )
     if not fitting:
         closest = max((c for c, _ in found), key=lambda c: (c.hits, -len(c.location)))
         where = (f" (entry {closest.entry_name!r})" if closest.entry_name else "") + (
-            f" after stripping prefix {closest.prefix!r}" if closest.prefix else "")
-        under = [k[len(closest.prefix):] for k in closest.entry
-                 if isinstance(k, str) and k.startswith(closest.prefix)]
+            f" after stripping prefix {closest.prefix!r}" if closest.prefix else ""
+        )
+        under = [
+            k[len(closest.prefix) :]
+            for k in closest.entry
+            if isinstance(k, str) and k.startswith(closest.prefix)
+        ]
         reason = _misfit(expected, _strip(closest.entry, closest.prefix, under))
         raise CheckpointError(f"{source} does not fit the model{where}: {reason}")
     best = fitting[0]
     rank = (best.averaged, bool(best.unused))
     ties = [c.location for c in fitting if (c.averaged, bool(c.unused)) == rank]
     if len(ties) > 1:
-        raise CheckpointError(f"{source} holds several state_dicts that fit the model equally well: "
-                              f"{', '.join(map(repr, ties))}; choose one with --checkpoint-key")
-    return CheckpointFit(source, _strip(best.entry, best.prefix, expected), best.entry_name, best.prefix,
-                         best.unused, tuple(c.location for c in fitting[1:]))
+        raise CheckpointError(
+            f"{source} holds several state_dicts that fit the model equally well: "
+            f"{', '.join(map(repr, ties))}; choose one with --checkpoint-key"
+        )
+    return CheckpointFit(
+        source,
+        _strip(best.entry, best.prefix, expected),
+        best.entry_name,
+        best.prefix,
+        best.unused,
+        tuple(c.location for c in fitting[1:]),
+    )
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, key: str | None = None,
-                    map_location: str | torch.device = "cpu") -> CheckpointFit:
+def load_checkpoint(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    key: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> CheckpointFit:
     """Load the weights for ``model`` from the checkpoint file at ``path`` (any format the module
-    doc lists) into ``model``; returns what was used (:class:`CheckpointFit`, with its ``note``)."""
+    doc lists) into ``model``; returns what was used (:class:`CheckpointFit`, with its ``note``).
+    """
     fit = fit_state_dict(model, read_checkpoint(path, map_location), source=str(path), key=key)
     model.load_state_dict(fit.state_dict, strict=True)
     return fit
 
 
-def load_checkpoint_into(model: torch.nn.Module, path: str | os.PathLike,
-                         key: str | None = None) -> torch.nn.Module:
+def load_checkpoint_into(
+    model: torch.nn.Module, path: str | os.PathLike, key: str | None = None
+) -> torch.nn.Module:
     """Load the checkpoint at ``path`` into ``model`` safely; returns the model."""
     load_checkpoint(model, path, key=key)
     return model
 
 
-def load_into_model(model: torch.nn.Module, state_dict: Mapping[str, Any],
-                    source: str = "checkpoint") -> None:
+def load_into_model(
+    model: torch.nn.Module, state_dict: Mapping[str, Any], source: str = "checkpoint"
+) -> None:
     """Copy ``state_dict`` (keys as the model names them, nothing stripped) into ``model`` after checking
     that every key and shape matches, so a checkpoint of another architecture is reported precisely
-    (first few missing keys, unexpected keys, shape mismatches) instead of half-loaded."""
+    (first few missing keys, unexpected keys, shape mismatches) instead of half-loaded.
+    """
     expected = model.state_dict()
     reason = _misfit(expected, state_dict)
     if reason:
@@ -255,8 +290,9 @@ def load_into_model(model: torch.nn.Module, state_dict: Mapping[str, Any],
     model.load_state_dict(_strip(state_dict, "", expected), strict=True)
 
 
-def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    key: str | None = None) -> dict:
+def load_state_dict(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", key: str | None = None
+) -> dict:
     """The state_dict stored at ``path``, without a model to fit it to (so nothing is stripped).
 
     That is the file's top level when it holds tensors, else its entry ``key`` or the first of
@@ -272,15 +308,21 @@ def _plain_entry(obj: Any, source: str, key: str | None = None) -> dict:
     names = [tuple(key.strip(".").split("."))] if key else [(), *((name,) for name in STATE_DICT_ENTRY_NAMES)]
     path = next((name for name in names if name in entries), None)
     if path is None:
-        raise CheckpointError(f"{source} does not hold a state_dict (a mapping of names to tensors)"
-                              + (f" at {key!r}" if key else ""))
-    return {k: v for k, v in entries[path].items()
-            if isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))}
+        raise CheckpointError(
+            f"{source} does not hold a state_dict (a mapping of names to tensors)"
+            + (f" at {key!r}" if key else "")
+        )
+    return {
+        k: v
+        for k, v in entries[path].items()
+        if isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
+    }
 
 
 def _load_prior(model: torch.nn.Module, path: str | os.PathLike) -> tuple[dict, str | None]:
     """Prior weights for ``model``: fitted like the checkpoint (so a wrapped prior is unwrapped the same
-    way), else — for a prior that is not a whole model, such as another head — the plain state_dict."""
+    way), else — for a prior that is not a whole model, such as another head — the plain state_dict.
+    """
     obj = read_checkpoint(path)
     try:
         fit = fit_state_dict(model, obj, source=str(path))
@@ -302,11 +344,14 @@ class LoadedCheckpoint:
 
 def build_user_model(spec: str, bundle: DataBundle) -> torch.nn.Module:
     """``mlp``/``cnn``/``resnet`` (built for the data's classes and input shape) or ``module:factory``
-    (called with ``num_classes=`` when its signature takes it, else with no arguments)."""
+    (called with ``num_classes=`` when its signature takes it, else with no arguments).
+    """
     if ":" not in spec:
         if bundle.num_classes is None or bundle.input_shape is None:
-            raise ValueError(f"--model {spec} needs class labels (num_classes) and tensor inputs; for other data "
-                             "give your own model as --model MODULE:FACTORY")
+            raise ValueError(
+                f"--model {spec} needs class labels (num_classes) and tensor inputs; for other data "
+                "give your own model as --model MODULE:FACTORY"
+            )
         return build_model(spec, bundle.num_classes, bundle.input_shape)
     factory = load_factory(spec)
     try:
@@ -319,12 +364,18 @@ def build_user_model(spec: str, bundle: DataBundle) -> torch.nn.Module:
     return model
 
 
-def resolve(target: str, model_spec: str | None = None, data_spec: str | None = None,
-            prior: str | None = None, epoch_file: str = "final.pt", checkpoint_key: str | None = None
-            ) -> LoadedCheckpoint:
+def resolve(
+    target: str,
+    model_spec: str | None = None,
+    data_spec: str | None = None,
+    prior: str | None = None,
+    epoch_file: str = "final.pt",
+    checkpoint_key: str | None = None,
+) -> LoadedCheckpoint:
     """A run folder (model, data and prior read from run.json / init.pt; ``--model``/``--data``
     override) or a checkpoint file (``--model`` and ``--data`` required; ``--prior`` optional).
-    ``checkpoint_key`` picks the state_dict inside the checkpoint (see :func:`fit_state_dict`)."""
+    ``checkpoint_key`` picks the state_dict inside the checkpoint (see :func:`fit_state_dict`).
+    """
     path = Path(target)
     if path.is_dir():
         from .runs import build_run_model, load_run
@@ -344,8 +395,9 @@ def resolve(target: str, model_spec: str | None = None, data_spec: str | None = 
         if not path.exists():
             raise CheckpointError(f"checkpoint not found: {path}")
         if not model_spec or not data_spec:
-            raise ValueError(f"{path} is a checkpoint file: say which model and data it belongs to "
-                             "with --model and --data")
+            raise ValueError(
+                f"{path} is a checkpoint file: say which model and data it belongs to with --model and --data"
+            )
         checkpoint, spec, bundle = path, data_spec, load_data(data_spec)
         model = build_user_model(model_spec, bundle)
         name, prior_path, has_prior = path.name, (Path(prior) if prior else None), bool(prior)

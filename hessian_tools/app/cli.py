@@ -4,6 +4,7 @@ Exit codes: 0 success, 2 bad usage (argparse), 1 a failed analysis — reported 
 stderr (the traceback only with ``--debug``). Results go to stdout as a table, and with
 ``--json FILE`` (``-`` = stdout) as JSON, written atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,10 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..estimators.diagonal import METHODS as DIAGONAL_METHODS
 from ..estimators.paired import PAIRED_METHODS
 from ..estimators.trace import METHODS as TRACE_METHODS
 from ..optim import BASES, METHODS
-from ..estimators.diagonal import METHODS as DIAGONAL_METHODS
 from .analyses import ANALYSES, DEFAULT_ANALYSES, POSTERIORS
 from .experiments.matrix_sensing import METHODS as SENSING_METHODS
 from .experiments.matrix_sensing import OBJECTIVES as SENSING_OBJECTIVES
@@ -53,11 +54,19 @@ class UsageError(Exception):
     """Bad usage discovered after parsing: exit code 2."""
 
 
-def _common(parser: argparse.ArgumentParser, json_out: bool = True, threads_default: int | None = None) -> None:
+def _common(
+    parser: argparse.ArgumentParser, json_out: bool = True, threads_default: int | None = None
+) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
-    parser.add_argument("--threads", type=int, default=threads_default,
-                        help=f"torch intra-op threads (default: {threads_default or 'torch' + chr(39) + 's choice'})")
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=threads_default,
+        help=f"torch intra-op threads (default: {threads_default or 'torch' + chr(39) + 's choice'})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     if json_out:
@@ -65,85 +74,138 @@ def _common(parser: argparse.ArgumentParser, json_out: bool = True, threads_defa
 
 
 def _distributed(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--distributed", action="store_true",
-                        help="under torchrun: shard the data over the ranks (gloo on CPU, nccl on CUDA); rank 0 writes")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under torchrun: shard the data over the ranks (gloo on CPU, nccl on CUDA); rank 0 writes",
+    )
 
 
 def _model_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="mlp | cnn | resnet | MODULE:FACTORY (needed for a checkpoint file)")
-    parser.add_argument("--data", help="builtin:digits | builtin:digits-finetune | builtin:digits-pretrain | "
-                                       "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file). "
-                                       "FUNCTION() returns a dict {train, test, num_classes}, a (train, test) pair "
-                                       "or the training data alone; a split is (X, y) tensors, a Dataset, a "
-                                       "DataLoader or a list of batches; a batch is (inputs, targets) or a dict "
-                                       "with 'labels'; inputs a tensor, a tuple (positional) or a dict (keyword "
-                                       "arguments, e.g. input_ids/attention_mask). Not a generator: it is "
-                                       "passed over many times")
-    parser.add_argument("--checkpoint-key", metavar="NAME",
-                        help="which state_dict inside the checkpoint, e.g. ema or state_dict.model_ema "
-                             "(default: the model's own weights; a note on stderr says what was used)")
+    parser.add_argument(
+        "--data",
+        help="builtin:digits | builtin:digits-finetune | builtin:digits-pretrain | "
+        "builtin:synthetic | MODULE:FUNCTION (needed for a checkpoint file). "
+        "FUNCTION() returns a dict {train, test, num_classes}, a (train, test) pair "
+        "or the training data alone; a split is (X, y) tensors, a Dataset, a "
+        "DataLoader or a list of batches; a batch is (inputs, targets) or a dict "
+        "with 'labels'; inputs a tensor, a tuple (positional) or a dict (keyword "
+        "arguments, e.g. input_ids/attention_mask). Not a generator: it is "
+        "passed over many times",
+    )
+    parser.add_argument(
+        "--checkpoint-key",
+        metavar="NAME",
+        help="which state_dict inside the checkpoint, e.g. ema or state_dict.model_ema "
+        "(default: the model's own weights; a note on stderr says what was used)",
+    )
     parser.add_argument("--params", metavar="REGEX", help="analyse only parameters whose names match")
-    parser.add_argument("--batch-size", type=int, default=512, help="batch size of the data passes (default 512)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="computation precision")
+    parser.add_argument(
+        "--batch-size", type=int, default=512, help="batch size of the data passes (default 512)"
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64"], default="float32", help="computation precision"
+    )
     _loss(parser)
 
 
 def _loss(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--loss", default="cross_entropy", metavar="LOSS",
-                        help="cross_entropy | mse | MODULE:FACTORY, FACTORY() returning loss(outputs, targets) -> "
-                             "the batch-mean scalar (default cross_entropy); the PAC-Bayes bound needs class labels")
+    parser.add_argument(
+        "--loss",
+        default="cross_entropy",
+        metavar="LOSS",
+        help="cross_entropy | mse | MODULE:FACTORY, FACTORY() returning loss(outputs, targets) -> "
+        "the batch-mean scalar (default cross_entropy); the PAC-Bayes bound needs class labels",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hessian-tools", description="Curvature of trained networks, with error bars.")
+    parser = argparse.ArgumentParser(
+        prog="hessian-tools", description="Curvature of trained networks, with error bars."
+    )
     parser.add_argument("--version", action="version", version=f"hessian-tools {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_command in (_add_demo, _add_analyze, _add_compare, _add_curve, _add_bound, _add_train, _add_matrix_sensing):
+    for add_command in (
+        _add_demo,
+        _add_analyze,
+        _add_compare,
+        _add_curve,
+        _add_bound,
+        _add_train,
+        _add_matrix_sensing,
+    ):
         add_command(sub)
     return parser
 
 
 def _command(sub, name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def _add_demo(sub) -> None:
     p = _command(sub, "demo", "pre-train, fine-tune with SGD/SAM/NSO, analyse, report", EPILOG_DEMO)
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
-    p.add_argument("--no-resume", action="store_true", help="recompute finished pieces instead of reusing them")
+    p.add_argument(
+        "--no-resume", action="store_true", help="recompute finished pieces instead of reusing them"
+    )
     _common(p, json_out=False)
     p.set_defaults(func=cmd_demo)
 
 
 def _add_analyze(sub) -> None:
-    p = _command(sub, "analyze", "trace, eigenvalues, density, stability and bounds of one checkpoint", EPILOG_ANALYZE)
+    p = _command(
+        sub, "analyze", "trace, eigenvalues, density, stability and bounds of one checkpoint", EPILOG_ANALYZE
+    )
     p.add_argument("checkpoint", help="a state_dict file or a run folder")
     _model_data(p)
-    p.add_argument("--what", default=",".join(DEFAULT_ANALYSES),
-                   help=f"comma-separated subset of {','.join(ANALYSES)} (default %(default)s)")
-    p.add_argument("--rtol", type=float, default=0.02, help="trace: stop at 95%% half-width ≤ rtol·|trace| (default 0.02)")
+    p.add_argument(
+        "--what",
+        default=",".join(DEFAULT_ANALYSES),
+        help=f"comma-separated subset of {','.join(ANALYSES)} (default %(default)s)",
+    )
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=0.02,
+        help="trace: stop at 95%% half-width ≤ rtol·|trace| (default 0.02)",
+    )
     _hvp_budget(p, 600, "HVP budget per estimator")
     p.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchpp")
-    p.add_argument("--diag-method", choices=DIAGONAL_METHODS, default="xdiag",
-                   help="diag: the Hessian-diagonal estimator (default xdiag; budget --max-hvps)")
+    p.add_argument(
+        "--diag-method",
+        choices=DIAGONAL_METHODS,
+        default="xdiag",
+        help="diag: the Hessian-diagonal estimator (default xdiag; budget --max-hvps)",
+    )
     _certificate_options(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from FILE.partial, the state that --json FILE keeps while it "
-                        "runs (finished analyses and the HVPs spent); the numbers equal an uninterrupted run's")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from FILE.partial, the state that --json FILE keeps while it "
+        "runs (finished analyses and the HVPs spent); the numbers equal an uninterrupted run's",
+    )
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_analyze)
 
 
 def _add_compare(sub) -> None:
-    p = _command(sub, "compare", "paired trace comparison of checkpoints with common random probes", EPILOG_COMPARE)
-    p.add_argument("checkpoints", nargs="+", help="state_dict files or run folders (the first is the baseline)")
+    p = _command(
+        sub, "compare", "paired trace comparison of checkpoints with common random probes", EPILOG_COMPARE
+    )
+    p.add_argument(
+        "checkpoints", nargs="+", help="state_dict files or run folders (the first is the baseline)"
+    )
     _model_data(p)
     _hvp_budget(p, 300, "HVPs per checkpoint (fixed, the same for all)")
     p.add_argument("--trace-method", choices=PAIRED_METHODS, default="hutchpp")
-    p.add_argument("--bound", action="store_true",
-                   help="also certify each checkpoint (PAC-Bayes bound columns)")
+    p.add_argument(
+        "--bound", action="store_true", help="also certify each checkpoint (PAC-Bayes bound columns)"
+    )
     _certificate_options(p)
     _common(p)
     _distributed(p)
@@ -156,7 +218,9 @@ def _add_curve(sub) -> None:
     p.add_argument("--every", type=int, default=1, help="analyse every n-th epoch (default 1)")
     p.add_argument("--rtol", type=float, default=0.05, help="trace tolerance per point (default 0.05)")
     _hvp_budget(p, 600, "HVP budget per estimator and point")
-    p.add_argument("--out", help="folder for the sharpness-curve figure and per-run results (enables --resume)")
+    p.add_argument(
+        "--out", help="folder for the sharpness-curve figure and per-run results (enables --resume)"
+    )
     p.add_argument("--resume", action="store_true", help="skip runs whose curve is already saved in --out")
     p.add_argument("--batch-size", type=int, default=512)
     _loss(p)
@@ -177,23 +241,44 @@ def _add_bound(sub) -> None:
 def _certificate_options(p: argparse.ArgumentParser) -> None:
     defaults = AnalysisSettings()
     p.add_argument("--prior", help="prior/initial weights (a run folder's init.pt by default)")
-    p.add_argument("--posterior", choices=POSTERIORS, default="optimised",
-                   help="optimised: a diagonal Gaussian fitted to the bound (default); isotropic: "
-                        "N(W, σ²I) on the --sigmas grid (vacuous on fine-tuned networks)")
-    p.add_argument("--prior-split", type=float, metavar="FRACTION",
-                   help="data-dependent prior: train it with the run's own recipe on this fraction of "
-                        "the training set (from the run's init weights) and bound on the rest; needs a "
-                        "run folder")
-    p.add_argument("--prior-epochs", type=int, default=defaults.prior_epochs,
-                   help="epochs of the prior's training (default %(default)s)")
-    p.add_argument("--delta", type=float, default=defaults.delta,
-                   help="the bound holds with probability ≥ 1 − delta")
-    p.add_argument("--samples", type=int,
-                   help="Monte-Carlo weight draws (default 1000 optimised, 20 isotropic)")
-    p.add_argument("--steps", type=int, default=defaults.certificate_steps,
-                   help="optimisation steps of the optimised posterior (default %(default)s)")
-    p.add_argument("--sigmas", default=",".join(map(str, defaults.certificate_sigmas)),
-                   help="isotropic posterior: the σ grid, paid for by a union bound (default %(default)s)")
+    p.add_argument(
+        "--posterior",
+        choices=POSTERIORS,
+        default="optimised",
+        help="optimised: a diagonal Gaussian fitted to the bound (default); isotropic: "
+        "N(W, σ²I) on the --sigmas grid (vacuous on fine-tuned networks)",
+    )
+    p.add_argument(
+        "--prior-split",
+        type=float,
+        metavar="FRACTION",
+        help="data-dependent prior: train it with the run's own recipe on this fraction of "
+        "the training set (from the run's init weights) and bound on the rest; needs a "
+        "run folder",
+    )
+    p.add_argument(
+        "--prior-epochs",
+        type=int,
+        default=defaults.prior_epochs,
+        help="epochs of the prior's training (default %(default)s)",
+    )
+    p.add_argument(
+        "--delta", type=float, default=defaults.delta, help="the bound holds with probability ≥ 1 − delta"
+    )
+    p.add_argument(
+        "--samples", type=int, help="Monte-Carlo weight draws (default 1000 optimised, 20 isotropic)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=defaults.certificate_steps,
+        help="optimisation steps of the optimised posterior (default %(default)s)",
+    )
+    p.add_argument(
+        "--sigmas",
+        default=",".join(map(str, defaults.certificate_sigmas)),
+        help="isotropic posterior: the σ grid, paid for by a union bound (default %(default)s)",
+    )
 
 
 def _add_train(sub) -> None:
@@ -214,16 +299,22 @@ def _add_train(sub) -> None:
     p.add_argument("--lam", type=float, help="NSO weight on the unperturbed gradient")
     p.add_argument("--rho", type=float, help="SAM/ASAM radius")
     p.add_argument("--init", help="initial checkpoint (fine-tuning); its head is re-initialised")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out after its last finished epoch"
+    )
     _common(p, json_out=False)
     p.set_defaults(func=cmd_train)
 
 
 def _add_matrix_sensing(sub) -> None:
-    p = _command(sub, "matrix-sensing", "the NSO paper's matrix-sensing experiment (GD vs WP-GD vs NSO)", EPILOG_MATRIX)
+    p = _command(
+        sub, "matrix-sensing", "the NSO paper's matrix-sensing experiment (GD vs WP-GD vs NSO)", EPILOG_MATRIX
+    )
     p.add_argument("--seeds", nargs="+", default=["0"], help="seeds, space- or comma-separated (default 0)")
     p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--out", default="figures", help="folder for matrix_sensing.json, .png and .pdf (default figures)")
+    p.add_argument(
+        "--out", default="figures", help="folder for matrix_sensing.json, .png and .pdf (default figures)"
+    )
     p.add_argument("--methods", nargs="+", default=list(SENSING_METHODS), choices=SENSING_METHODS)
     p.add_argument("--d", type=int, default=100, help="matrix side d (default 100, as in the paper)")
     p.add_argument("--r", type=int, default=5, help="true rank r (default 5)")
@@ -266,7 +357,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -276,8 +367,8 @@ class Progress:
 def _emit_json(target: str | None, obj) -> None:
     if not target:
         return
-    from .io import atomic_write_json
     from ..results import _to_jsonable
+    from .io import atomic_write_json
 
     if target == "-":
         print(json.dumps(_to_jsonable(obj), indent=2))
@@ -292,23 +383,40 @@ def _settings(args, what):
     certificate = {}
     if hasattr(args, "posterior"):
         _check_certificate_options(args)
-        certificate = {"posterior": args.posterior, "prior_split": args.prior_split,
-                       "prior_epochs": args.prior_epochs, "delta": args.delta,
-                       "certificate_samples": args.samples, "certificate_steps": args.steps,
-                       "certificate_sigmas": _floats(args.sigmas, "--sigmas")}
+        certificate = {
+            "posterior": args.posterior,
+            "prior_split": args.prior_split,
+            "prior_epochs": args.prior_epochs,
+            "delta": args.delta,
+            "certificate_samples": args.samples,
+            "certificate_steps": args.steps,
+            "certificate_sigmas": _floats(args.sigmas, "--sigmas"),
+        }
     max_hvps = getattr(args, "max_hvps", 600)
-    return AnalysisSettings(what=tuple(what), params=args.params, batch_size=args.batch_size, seed=args.seed,
-                            trace_method=getattr(args, "trace_method", "hutchpp"), trace_rtol=getattr(args, "rtol", 0.02),
-                            trace_max_hvps=max_hvps, eig_max_hvps=max_hvps, diag_max_hvps=max_hvps,
-                            diag_method=getattr(args, "diag_method", "xdiag"), dtype=args.dtype, device=args.device,
-                            distributed=getattr(args, "distributed", False), loss=getattr(args, "loss", "cross_entropy"),
-                            **certificate)
+    return AnalysisSettings(
+        what=tuple(what),
+        params=args.params,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        trace_method=getattr(args, "trace_method", "hutchpp"),
+        trace_rtol=getattr(args, "rtol", 0.02),
+        trace_max_hvps=max_hvps,
+        eig_max_hvps=max_hvps,
+        diag_max_hvps=max_hvps,
+        diag_method=getattr(args, "diag_method", "xdiag"),
+        dtype=args.dtype,
+        device=args.device,
+        distributed=getattr(args, "distributed", False),
+        loss=getattr(args, "loss", "cross_entropy"),
+        **certificate,
+    )
 
 
 def _check_certificate_options(args) -> None:
     if args.prior_split is not None and not 0 < args.prior_split < 1:
-        raise UsageError(f"--prior-split must be a fraction strictly between 0 and 1, "
-                         f"got {args.prior_split:g}")
+        raise UsageError(
+            f"--prior-split must be a fraction strictly between 0 and 1, got {args.prior_split:g}"
+        )
     if args.prior_split is not None and args.posterior != "optimised":
         raise UsageError("--prior-split needs --posterior optimised")
     if not 0 < args.delta < 1:
@@ -324,9 +432,11 @@ def _prior_trainer(args, target: str):
     if getattr(args, "prior_split", None) is None:
         return None
     if not Path(target).is_dir():
-        raise UsageError(f"--prior-split trains the prior with the checkpoint's own training recipe, "
-                         f"which the file {target} lacks: point the command at a run folder from "
-                         "`hessian-tools train`")
+        raise UsageError(
+            f"--prior-split trains the prior with the checkpoint's own training recipe, "
+            f"which the file {target} lacks: point the command at a run folder from "
+            "`hessian-tools train`"
+        )
     from .runs import recipe_trainer
 
     return recipe_trainer(target, args.prior_epochs)
@@ -334,7 +444,8 @@ def _prior_trainer(args, target: str):
 
 def _resolve(args, target: str, prior: str | None = None):
     """Load a checkpoint or run folder; a note on stderr says what was taken from the file (an entry,
-    a stripped prefix), so the user sees which weights are analysed."""
+    a stripped prefix), so the user sees which weights are analysed.
+    """
     from .checkpoints import resolve
 
     loaded = resolve(target, args.model, args.data, prior, checkpoint_key=args.checkpoint_key)
@@ -347,7 +458,9 @@ def _parse_what(text: str) -> list[str]:
     what = [w.strip() for w in text.split(",") if w.strip()]
     unknown = [w for w in what if w not in ANALYSES]
     if unknown or not what:
-        raise UsageError(f"unknown --what {', '.join(map(repr, unknown)) or '(empty)'}; choose from {','.join(ANALYSES)}")
+        raise UsageError(
+            f"unknown --what {', '.join(map(repr, unknown)) or '(empty)'}; choose from {','.join(ANALYSES)}"
+        )
     return what
 
 
@@ -375,12 +488,14 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 # --------------------------------------------------------------------------- commands
 def cmd_demo(args) -> int:
-    from .demo import DemoConfig, write_demo_report, run_demo
+    from .demo import DemoConfig, run_demo, write_demo_report
 
     config = DemoConfig(analysis=DemoConfig().analysis)
     if args.quick:
         config = config.quick()
-    config = dataclasses.replace(config, analysis=dataclasses.replace(config.analysis, seed=args.seed, device=args.device))
+    config = dataclasses.replace(
+        config, analysis=dataclasses.replace(config.analysis, seed=args.seed, device=args.device)
+    )
     with Progress(args.quiet) as progress:
         results = run_demo(args.out, config, resume=not args.no_resume, progress=progress)
         report = write_demo_report(results, args.out)
@@ -406,14 +521,23 @@ def _analyze_and_print(args, loaded, settings, prior_trainer=None) -> int:
     state_file = _state_file(args)
     try:
         with Progress(args.quiet) as progress:
-            result = analyze_model(loaded.model, loaded.data, settings, prior_state=loaded.prior, name=loaded.name,
-                                   prior_trainer=prior_trainer, progress=None if args.quiet else progress,
-                                   state_file=state_file,
-                                   resume=getattr(args, "resume", False))
+            result = analyze_model(
+                loaded.model,
+                loaded.data,
+                settings,
+                prior_state=loaded.prior,
+                name=loaded.name,
+                prior_trainer=prior_trainer,
+                progress=None if args.quiet else progress,
+                state_file=state_file,
+                resume=getattr(args, "resume", False),
+            )
     except KeyboardInterrupt:
         if state_file is not None and state_file.is_file():
-            print(f"note: the work done so far is in {state_file}; run the same command with --resume to continue",
-                  file=sys.stderr)
+            print(
+                f"note: the work done so far is in {state_file}; run the same command with --resume to continue",
+                file=sys.stderr,
+            )
         raise
     print(analysis_text(result))
     _emit_json(args.json, result)
@@ -427,7 +551,9 @@ def _state_file(args) -> Path | None:
     from .resume import state_path
 
     if getattr(args, "resume", False) and (not args.json or args.json == "-"):
-        raise UsageError("--resume needs --json FILE: the state of an interrupted run is kept in FILE.partial")
+        raise UsageError(
+            "--resume needs --json FILE: the state of an interrupted run is kept in FILE.partial"
+        )
     if args.command != "analyze" or not args.json or args.json == "-" or getattr(args, "distributed", False):
         return None
     return state_path(args.json)
@@ -451,10 +577,14 @@ def cmd_compare(args) -> int:
         operators[name] = make_operator(loaded.model, loaded.data, settings)
         loaded_by_name[name] = (loaded, trainer)
     with Progress(args.quiet) as progress:
-        result = paired_traces(operators, method=args.trace_method, max_hvps=args.max_hvps, seed=args.seed, progress=progress)
+        result = paired_traces(
+            operators, method=args.trace_method, max_hvps=args.max_hvps, seed=args.seed, progress=progress
+        )
         bounds = _certify_all(loaded_by_name, settings, progress) if args.bound else None
     print(text_table(comparison_header(bounds is not None), comparison_rows(result, bounds)))
-    print(f"\nsame probes for every checkpoint (seed {args.seed}, {args.max_hvps} HVPs each, {args.trace_method})")
+    print(
+        f"\nsame probes for every checkpoint (seed {args.seed}, {args.max_hvps} HVPs each, {args.trace_method})"
+    )
     if bounds:
         print(f"bounds: {bound_note(bounds, settings)}")
     _emit_json(args.json, {"comparison": result, "certificates": bounds} if bounds is not None else result)
@@ -478,9 +608,19 @@ def cmd_curve(args) -> int:
     if args.every < 1:
         raise UsageError("--every must be ≥ 1")
     with Progress(args.quiet) as progress:
-        curves, figures = run_curve(args.runs, every=args.every, rtol=args.rtol, seed=args.seed, batch_size=args.batch_size,
-                                    out=args.out, resume=args.resume, progress=progress,
-                                    distributed=args.distributed, device=args.device, loss=args.loss)
+        curves, figures = run_curve(
+            args.runs,
+            every=args.every,
+            rtol=args.rtol,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            out=args.out,
+            resume=args.resume,
+            progress=progress,
+            distributed=args.distributed,
+            device=args.device,
+            loss=args.loss,
+        )
     rows = [row for name, points in curves.items() for row in curve_rows(name, points)]
     print(text_table(CURVE_HEADER, rows))
     for figure in figures:
@@ -499,24 +639,39 @@ def cmd_bound(args) -> int:
 
 def _require_prior(loaded) -> None:
     if loaded.prior is None:
-        raise UsageError("a bound needs the prior (initial) weights: pass --prior FILE (run folders use their init.pt)")
+        raise UsageError(
+            "a bound needs the prior (initial) weights: pass --prior FILE (run folders use their init.pt)"
+        )
 
 
 def cmd_train(args) -> int:
     from .runs import TrainConfig, train
 
     options = {k: getattr(args, k) for k in ("sigma", "k", "lam", "rho") if getattr(args, k) is not None}
-    config = TrainConfig(model=args.model, data=args.data, method=args.method, base=args.base, lr=args.lr,
-                         schedule=args.schedule,
-                         momentum=args.momentum, weight_decay=args.weight_decay, epochs=args.epochs,
-                         batch_size=args.batch_size, seed=args.seed, init_checkpoint=args.init, **options)
+    config = TrainConfig(
+        model=args.model,
+        data=args.data,
+        method=args.method,
+        base=args.base,
+        lr=args.lr,
+        schedule=args.schedule,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        init_checkpoint=args.init,
+        **options,
+    )
     quiet = args.quiet
 
     def report(record):
         if not quiet:
-            print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
-                  f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.3f} ({record['wall_time_s']:.1f} s)",
-                  file=sys.stderr)
+            print(
+                f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
+                f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.3f} ({record['wall_time_s']:.1f} s)",
+                file=sys.stderr,
+            )
 
     run_dir = train(config, args.out, resume=args.resume, progress=report)
     print(f"run folder: {run_dir}")
@@ -528,9 +683,21 @@ def cmd_matrix_sensing(args) -> int:
 
     seeds = _integers(args.seeds, "--seeds")
     say = (lambda _line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    results = run_experiment(seeds, args.steps, args.methods, d=args.d, r=args.r, m=args.m, lr=args.lr, sigma=args.sigma,
-                             init_scale=args.init_scale, objective=args.objective, log_every=args.log_every,
-                             num_threads=args.threads, say=say)
+    results = run_experiment(
+        seeds,
+        args.steps,
+        args.methods,
+        d=args.d,
+        r=args.r,
+        m=args.m,
+        lr=args.lr,
+        sigma=args.sigma,
+        init_scale=args.init_scale,
+        objective=args.objective,
+        log_every=args.log_every,
+        num_threads=args.threads,
+        say=say,
+    )
     written = write_results(results, args.out)
     print(f"wrote {', '.join(map(str, written))} ({results['total_wall_time_s']:.0f}s in all)")
     return 0
@@ -565,7 +732,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hessian-tools {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hessian-tools: interrupted (finished results are saved; re-run with --resume where offered)", file=sys.stderr)
+        print(
+            "hessian-tools: interrupted (finished results are saved; re-run with --resume where offered)",
+            file=sys.stderr,
+        )
         return 130
     except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback dump
         if getattr(args, "debug", False):

@@ -9,22 +9,23 @@
 4. Write ``results.json`` (every result, with its error bars, seeds and HVP counts), ``report.md``
    and the figures. Finished pieces are saved as they complete; ``resume=True`` skips them.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-
-from .zoo.data import load_data
-from .curves import sharpness_curve
+from ..results import result_from_dict
 from .checkpoints import load_state_dict
+from .curves import sharpness_curve
 from .io import atomic_write_json, atomic_write_text, read_json
 from .pipeline import AnalysisSettings, CheckpointAnalysis, analyze_model
-from ..results import result_from_dict
 from .report import violated_certificates
 from .runs import TrainConfig, build_run_model, recipe_trainer, train
+from .zoo.data import load_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,26 +63,52 @@ class DemoConfig:
     certificate_samples: int = 1000  # Monte-Carlo weight draws on the bound set (their error is in the bound)
     certificate_test_samples: int = 200  # draws for the posterior's measured test error
 
-    def quick(self) -> "DemoConfig":
+    def quick(self) -> DemoConfig:
         """Tiny settings for smoke tests (seconds, not minutes)."""
         return dataclasses.replace(
-            self, seeds=(0,), pretrain_epochs=2, finetune_epochs=2, curve_every=1, per_class=10,
-            prior_epochs=1, certificate_steps=20, certificate_samples=50, certificate_test_samples=10,
-            analysis=dataclasses.replace(self.analysis, trace_max_hvps=60, trace_rtol=0.2, eig_k=2,
-                                         eig_max_hvps=60, density_probes=2, density_steps=10,
-                                         sigmas=(1e-2,), stability_samples=8),
+            self,
+            seeds=(0,),
+            pretrain_epochs=2,
+            finetune_epochs=2,
+            curve_every=1,
+            per_class=10,
+            prior_epochs=1,
+            certificate_steps=20,
+            certificate_samples=50,
+            certificate_test_samples=10,
+            analysis=dataclasses.replace(
+                self.analysis,
+                trace_max_hvps=60,
+                trace_rtol=0.2,
+                eig_k=2,
+                eig_max_hvps=60,
+                density_probes=2,
+                density_steps=10,
+                sigmas=(1e-2,),
+                stability_samples=8,
+            ),
         )
 
     def analysis_settings(self) -> AnalysisSettings:
         """``analysis`` with the demo's certificate settings."""
-        return dataclasses.replace(self.analysis, posterior="optimised", prior_split=self.prior_split,
-                                   prior_epochs=self.prior_epochs, certificate_steps=self.certificate_steps,
-                                   certificate_samples=self.certificate_samples,
-                                   certificate_test_samples=self.certificate_test_samples)
+        return dataclasses.replace(
+            self.analysis,
+            posterior="optimised",
+            prior_split=self.prior_split,
+            prior_epochs=self.prior_epochs,
+            certificate_steps=self.certificate_steps,
+            certificate_samples=self.certificate_samples,
+            certificate_test_samples=self.certificate_test_samples,
+        )
 
 
-def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, resume: bool = True,
-             progress: Callable[[str], None] | None = None) -> dict:
+def run_demo(
+    out_dir: str | Path,
+    config: DemoConfig = DemoConfig(),
+    *,
+    resume: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Run the whole demo into ``out_dir``; returns the results dict also written to results.json."""
     say = progress or (lambda _msg: None)
     out = Path(out_dir)
@@ -89,10 +116,19 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, resume: 
     start = time.perf_counter()
 
     say("pre-training on digits 0–4")
-    pretrain = train(TrainConfig(model=config.model, data="builtin:digits-pretrain", lr=config.pretrain_lr,
-                                 schedule=config.schedule,
-                                 epochs=config.pretrain_epochs, batch_size=config.batch_size, seed=0),
-                     runs_dir / "pretrain", resume=resume)
+    pretrain = train(
+        TrainConfig(
+            model=config.model,
+            data="builtin:digits-pretrain",
+            lr=config.pretrain_lr,
+            schedule=config.schedule,
+            epochs=config.pretrain_epochs,
+            batch_size=config.batch_size,
+            seed=0,
+        ),
+        runs_dir / "pretrain",
+        resume=resume,
+    )
     finetune_data = f"builtin:digits-finetune?per_class={config.per_class}"
     bundle = load_data(finetune_data)
 
@@ -101,22 +137,60 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, resume: 
         for seed in config.seeds:
             name = f"{method}-s{seed}"
             say(f"fine-tuning {name}")
-            run_dir = train(TrainConfig(model=config.model, data=finetune_data, method=method, lr=config.lr,
-                                        schedule=config.schedule,
-                                        epochs=config.finetune_epochs, batch_size=config.batch_size, seed=seed,
-                                        init_checkpoint=str(pretrain / "final.pt"), **_method_options(config, method)),
-                            runs_dir / name, resume=resume)
-            analysis = _cached(results_dir / f"{name}.json", resume, lambda: _analyse_final(run_dir, bundle, config, name, say))
-            curve = _cached(results_dir / f"{name}-curve.json", resume, lambda: sharpness_curve(
-                run_dir, bundle, config.analysis, every=config.curve_every, rtol=config.curve_rtol,
-                eig_tol=config.curve_eig_tol, progress=say))
-            runs.append({"name": name, "method": method, "seed": seed, "run_dir": str(run_dir.relative_to(out)),
-                         "analysis": analysis, "curve": curve})
+            run_dir = train(
+                TrainConfig(
+                    model=config.model,
+                    data=finetune_data,
+                    method=method,
+                    lr=config.lr,
+                    schedule=config.schedule,
+                    epochs=config.finetune_epochs,
+                    batch_size=config.batch_size,
+                    seed=seed,
+                    init_checkpoint=str(pretrain / "final.pt"),
+                    **_method_options(config, method),
+                ),
+                runs_dir / name,
+                resume=resume,
+            )
+            analysis = _cached(
+                results_dir / f"{name}.json",
+                resume,
+                functools.partial(_analyse_final, run_dir, bundle, config, name, say),
+            )
+            curve = _cached(
+                results_dir / f"{name}-curve.json",
+                resume,
+                functools.partial(
+                    sharpness_curve,
+                    run_dir,
+                    bundle,
+                    config.analysis,
+                    every=config.curve_every,
+                    rtol=config.curve_rtol,
+                    eig_tol=config.curve_eig_tol,
+                    progress=say,
+                ),
+            )
+            runs.append(
+                {
+                    "name": name,
+                    "method": method,
+                    "seed": seed,
+                    "run_dir": str(run_dir.relative_to(out)),
+                    "analysis": analysis,
+                    "curve": curve,
+                }
+            )
     results = {
         "kind": "demo",
         "config": dataclasses.asdict(config),
         "pretrain": read_json(pretrain / "run.json")["epochs"][-1],
-        "data": {"name": bundle.name, "n_train": int(bundle.train[1].numel()), "n_test": int(bundle.test[1].numel())},
+        "data": {
+            "name": bundle.name,
+            "n_train": int(bundle.train[1].numel()),
+            "n_test": int(bundle.test[1].numel()),
+        },
         "runs": runs,
         "wall_time_s": time.perf_counter() - start,
     }

@@ -1,8 +1,10 @@
 """Number formatting and plain tables shared by the reports and the command line (no results logic)."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def as_dict(obj: Any) -> Any:

@@ -4,6 +4,7 @@ Every file the application writes goes to a temporary file in the same folder fi
 moved into place with ``os.replace`` (atomic on POSIX), so an interrupted write never leaves a
 half-written result behind.
 """
+
 from __future__ import annotations
 
 import io

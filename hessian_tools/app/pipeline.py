@@ -4,12 +4,14 @@ This is the only place that wires a model and its data to the estimators; the co
 reports and figures use the results it returns. Every stochastic number in them carries its
 error bar, seed and HVP count (see :mod:`hessian_tools.results`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Mapping
 from math import nan
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,8 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The batch-mean squared error ``mean((outputs − targets)²)`` over all entries (``F.mse_loss``).
 
     Integer class labels (targets of shape (n,) against outputs (n, C)) are compared as one-hot
-    vectors, so ``--loss mse`` also runs on classification data."""
+    vectors, so ``--loss mse`` also runs on classification data.
+    """
     if not targets.dtype.is_floating_point and targets.ndim == outputs.ndim - 1:
         targets = F.one_hot(targets, outputs.shape[-1])
     return F.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
@@ -46,7 +49,8 @@ LOSSES: dict[str, Callable] = {"cross_entropy": cross_entropy, "mse": mse}
 
 def make_loss(spec: str) -> Callable:
     """The loss named by ``spec``: ``cross_entropy``, ``mse`` or ``MODULE:FACTORY``, where
-    ``FACTORY()`` returns a callable ``loss(outputs, targets)`` → the batch-mean scalar loss."""
+    ``FACTORY()`` returns a callable ``loss(outputs, targets)`` → the batch-mean scalar loss.
+    """
     if spec in LOSSES:
         return LOSSES[spec]
     if not isinstance(spec, str) or ":" not in spec:
@@ -57,9 +61,12 @@ def make_loss(spec: str) -> Callable:
     except Exception as exc:  # noqa: BLE001 - the user's factory failed; one line
         raise LossSpecError(f"loss factory {spec} raised {type(exc).__name__}: {exc}") from None
     if not callable(loss):
-        raise LossSpecError(f"loss factory {spec} returned a {type(loss).__name__}, not a callable "
-                            "loss(outputs, targets) -> batch-mean scalar")
+        raise LossSpecError(
+            f"loss factory {spec} returned a {type(loss).__name__}, not a callable "
+            "loss(outputs, targets) -> batch-mean scalar"
+        )
     return loss
+
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisSettings:
@@ -161,8 +168,9 @@ class CheckpointAnalysis(Result):
         return super().from_dict(data)
 
 
-def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: AnalysisSettings,
-                  loss_fn: Callable | None = None) -> HessianOperator:
+def make_operator(
+    model: torch.nn.Module, bundle: DataBundle, settings: AnalysisSettings, loss_fn: Callable | None = None
+) -> HessianOperator:
     """The Hessian of the mean training loss (``settings.loss``) over all of ``bundle.train``."""
     loss_fn = loss_fn or make_loss(settings.loss)
     dtype = torch.float64 if settings.dtype == "float64" else None
@@ -174,17 +182,24 @@ def make_operator(model: torch.nn.Module, bundle: DataBundle, settings: Analysis
 
         from ..operators.distributed import distributed_hessian_operator, shard
 
-        return distributed_hessian_operator(model.to(settings.device), loss_fn,
-                                            shard(data, dist.get_rank(), dist.get_world_size()),
-                                            params=settings.params, dtype=dtype, device=settings.device)
-    return HessianOperator(model.to(settings.device), loss_fn, data, params=settings.params, dtype=dtype,
-                           device=settings.device)
+        return distributed_hessian_operator(
+            model.to(settings.device),
+            loss_fn,
+            shard(data, dist.get_rank(), dist.get_world_size()),
+            params=settings.params,
+            dtype=dtype,
+            device=settings.device,
+        )
+    return HessianOperator(
+        model.to(settings.device), loss_fn, data, params=settings.params, dtype=dtype, device=settings.device
+    )
 
 
 @dataclasses.dataclass
 class AnalysisContext:
     """What an analysis of :mod:`hessian_tools.app.analyses` computes from: the model and its data,
-    the loss, the settings, the Hessian operator, the prior weights, and the parts computed so far."""
+    the loss, the settings, the Hessian operator, the prior weights, and the parts computed so far.
+    """
 
     model: torch.nn.Module
     bundle: DataBundle
@@ -246,10 +261,20 @@ def analyze_model(
         spent, timings[analysis.name] = _run_analysis(analysis, context, op, state, progress)
         hvps += spent
     return CheckpointAnalysis(
-        name=name, dim=op.dim, n_train=op.num_samples, n_test=bundle.n_test,
-        train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc, seed=settings.seed,
-        hvps=hvps, wall_time_s=time.perf_counter() - start, parts=dict(context.parts),
-        settings=dataclasses.asdict(settings), timings=timings,
+        name=name,
+        dim=op.dim,
+        n_train=op.num_samples,
+        n_test=bundle.n_test,
+        train_loss=train_loss,
+        train_acc=train_acc,
+        test_loss=test_loss,
+        test_acc=test_acc,
+        seed=settings.seed,
+        hvps=hvps,
+        wall_time_s=time.perf_counter() - start,
+        parts=dict(context.parts),
+        settings=dataclasses.asdict(settings),
+        timings=timings,
     )
 
 
@@ -261,9 +286,14 @@ def certify(
     prior_trainer: Callable | None = None,
 ) -> Result:
     """The PAC-Bayes certificate of ``model`` alone, as the ``bound`` analysis computes it (no Hessian):
-    what ``compare --bound`` adds to each checkpoint."""
+    what ``compare --bound`` adds to each checkpoint.
+    """
     model.eval()
-    return certificate(AnalysisContext(model, bundle, settings, None, prior_state, prior_trainer=prior_trainer))
+    return certificate(
+        AnalysisContext(model, bundle, settings, None, prior_state, prior_trainer=prior_trainer)
+    )
+
+
 def _run_analysis(analysis, context: AnalysisContext, op, state, progress) -> tuple[int, float]:
     """Compute one analysis into ``context.parts`` (or take it from ``state``): (HVPs, seconds)."""
     from ..operators.recording import RecordingOperator, ReplayMismatchError
@@ -286,8 +316,10 @@ def _run_analysis(analysis, context: AnalysisContext, op, state, progress) -> tu
     except ReplayMismatchError as exc:
         from .resume import ResumeError
 
-        raise ResumeError(f"{exc}: the checkpoint, data or options differ from the interrupted run; delete "
-                          f"{state.path} or drop --resume") from None
+        raise ResumeError(
+            f"{exc}: the checkpoint, data or options differ from the interrupted run; delete "
+            f"{state.path} or drop --resume"
+        ) from None
     except BaseException:
         if state is not None:
             state.save()  # an interrupt keeps the products spent so far
@@ -309,13 +341,16 @@ LOG_LIMIT_BYTES = 2**30
 
 def _log_fits(analysis, settings: AnalysisSettings, op, say) -> bool:
     """Whether the products of ``analysis`` can be logged for a resume within :data:`LOG_LIMIT_BYTES`;
-    if not, only its result is kept once it finishes (and ``say`` tells so)."""
+    if not, only its result is kept once it finishes (and ``say`` tells so).
+    """
     budget = analysis.budget(settings, op.dim)
     size = (budget or 0) * op.dim * torch.empty((), dtype=op.dtype).element_size()
     if size <= LOG_LIMIT_BYTES:
         return True
-    say(f"{analysis.name}: its {budget} products would take {size / 2**30:.1f} GiB to log, so an interrupt "
-        "keeps only the analyses finished before it")
+    say(
+        f"{analysis.name}: its {budget} products would take {size / 2**30:.1f} GiB to log, so an interrupt "
+        "keeps only the analyses finished before it"
+    )
     return False
 
 

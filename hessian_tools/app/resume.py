@@ -23,8 +23,9 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -92,7 +93,8 @@ class FinishedAnalysis:
 
 class AnalysisState:
     """The state file at ``path`` for the setup ``fingerprint``; with ``resume`` an existing file
-    is read (and must carry the same fingerprint), else it is started afresh."""
+    is read (and must carry the same fingerprint), else it is started afresh.
+    """
 
     def __init__(self, path: str | Path, fingerprint: str, resume: bool, save_every: float = 30.0):
         self.path = Path(path)

@@ -30,6 +30,7 @@ classes is the same, since the old head maps features to different classes. With
 ``reinit_head=False`` the checkpoint's head is kept when its shapes fit and re-initialised
 (``"head_reinitialised": true`` in run.json) when the number of classes differs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,34 +39,51 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .zoo.data import DataBundle, batches, load_data
 from ..checks import check_choice, check_integer, check_positive
 from ..errors import CheckpointError, NonFiniteError
 from ..optim import BASES, METHODS
 from .checkpoints import load_checkpoint_into, load_into_model, load_state_dict
-from .io import atomic_torch_save, atomic_write_json, read_json
 from .evaluation import evaluate
+from .io import atomic_torch_save, atomic_write_json, read_json
+from .zoo.data import DataBundle, batches, load_data
 from .zoo.models import seeded_build
 
-__all__ = ["TrainConfig", "train", "load_run", "build_run_model", "evaluate", "learning_rate", "optimization_steps", "recipe_trainer", "Diverged", "METHODS", "BASES", "SCHEDULES"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "load_run",
+    "build_run_model",
+    "evaluate",
+    "learning_rate",
+    "optimization_steps",
+    "recipe_trainer",
+    "Diverged",
+    "METHODS",
+    "BASES",
+    "SCHEDULES",
+]
 
 SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate(config: "TrainConfig", step: int, total_steps: int) -> float:
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate of global step ``step`` (0-based) of ``total_steps``: constant, or cosine
     annealing lr·½(1 + cos(π·step/total_steps)). A function of the step alone, so a resumed run
-    follows the same schedule without saved scheduler state."""
+    follows the same schedule without saved scheduler state.
+    """
     if config.schedule == "constant":
         return config.lr
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
@@ -123,7 +141,7 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -139,21 +157,38 @@ def _seeds(seed: int) -> tuple[int, int]:
 def _versions() -> dict:
     from .. import __version__
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__, "hessian_tools": __version__}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "hessian_tools": __version__,
+    }
 
 
 def _make_optimizer(config: TrainConfig, model: torch.nn.Module, generator: torch.Generator):
     from ..optim import make_optimizer
 
     return make_optimizer(
-        config.method, model.parameters(), model=model, base=config.base, lr=config.lr,
-        momentum=config.momentum, weight_decay=config.weight_decay, generator=generator,
-        sigma=config.sigma, k=config.k, lam=config.lam, two_sided=config.two_sided, rho=config.rho,
+        config.method,
+        model.parameters(),
+        model=model,
+        base=config.base,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        generator=generator,
+        sigma=config.sigma,
+        k=config.k,
+        lam=config.lam,
+        two_sided=config.two_sided,
+        rho=config.rho,
     )
 
 
 def _build(config: TrainConfig, num_classes: int, input_shape) -> torch.nn.Module:
-    return seeded_build(config.seed, config.model, num_classes, input_shape=input_shape, **config.model_kwargs)
+    return seeded_build(
+        config.seed, config.model, num_classes, input_shape=input_shape, **config.model_kwargs
+    )
 
 
 def _load_init_checkpoint(model: torch.nn.Module, config: TrainConfig) -> bool:
@@ -165,7 +200,8 @@ def _load_init_checkpoint(model: torch.nn.Module, config: TrainConfig) -> bool:
         if config.reinit_head:
             raise CheckpointError(
                 f"reinit_head is set but the model {config.model!r} has no layer named 'head'; "
-                "name the output layer 'head' or set reinit_head=False")
+                "name the output layer 'head' or set reinit_head=False"
+            )
         load_into_model(model, sd, source=config.init_checkpoint)
         return False
     fits = all(k in sd and tuple(sd[k].shape) == tuple(fresh[k].shape) for k in head_keys)
@@ -187,21 +223,26 @@ def _state_path(run_dir: Path, epoch: int) -> Path:
 
 def _compatible(old: Mapping[str, Any], new: TrainConfig) -> list[str]:
     """Config keys (other than ``epochs``) whose values differ; an option the old run folder does
-    not record (written before the option existed) counts as its default."""
+    not record (written before the option existed) counts as its default.
+    """
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))
     new_d = json.loads(json.dumps(new.to_dict()))
     keys = sorted((set(old) | set(new_d)) - {"epochs"})
     return [k for k in keys if old.get(k, defaults.get(k)) != new_d.get(k)]
 
 
-def optimization_steps(optimizer: torch.optim.Optimizer, closures: Iterable[Callable[[], Any]],
-                       learning_rates: Iterable[float] | None = None) -> Iterator[float]:
+def optimization_steps(
+    optimizer: torch.optim.Optimizer,
+    closures: Iterable[Callable[[], Any]],
+    learning_rates: Iterable[float] | None = None,
+) -> Iterator[float]:
     """The common runner: one ``optimizer.step(closure)`` per closure (with the learning rate set
     first when ``learning_rates`` is given), yielding each step's loss as a float. A non-finite loss
     raises :class:`Diverged` (carrying the 0-based step and the value) before anything else runs.
 
     Every optimizer of :mod:`hessian_tools.optim` takes a closure; a plain torch optimizer works too
-    (the closure then zeroes the gradients itself)."""
+    (the closure then zeroes the gradients itself).
+    """
     rates = iter(learning_rates) if learning_rates is not None else None
     for step, closure in enumerate(closures):
         if rates is not None:
@@ -209,7 +250,11 @@ def optimization_steps(optimizer: torch.optim.Optimizer, closures: Iterable[Call
             for group in optimizer.param_groups:
                 group["lr"] = lr
         loss = optimizer.step(closure)
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else (math.nan if loss is None else float(loss))
+        value = (
+            float(loss.detach())
+            if isinstance(loss, torch.Tensor)
+            else (math.nan if loss is None else float(loss))
+        )
         if not math.isfinite(value) and loss is not None:
             raise Diverged(step, value)
         yield value
@@ -234,8 +279,12 @@ class _Start:
     resumed_at: list = dataclasses.field(default_factory=list)
 
 
-def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
-          progress: Callable[[dict], Any] | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: Callable[[dict], Any] | None = None,
+) -> Path:
     """Train as ``config`` says and write a run folder at ``out_dir`` (see the module docstring).
 
     ``resume=True`` continues the run already in ``out_dir`` after its last epoch whose checkpoint
@@ -267,16 +316,23 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         train_loss, train_acc = evaluate(model, *data.train)
         test_loss, test_acc = evaluate(model, *data.test)
         record = {
-            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-            "test_loss": test_loss, "test_acc": test_acc, "wall_time_s": time.perf_counter() - t0,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "wall_time_s": time.perf_counter() - t0,
         }
         atomic_torch_save(model.state_dict(), _epoch_path(run_dir, epoch))
-        atomic_torch_save({
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "data_generator": data_gen.get_state(),
-            "noise_generator": noise_gen.get_state(),
-        }, _state_path(run_dir, epoch))
+        atomic_torch_save(
+            {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "data_generator": data_gen.get_state(),
+                "noise_generator": noise_gen.get_state(),
+            },
+            _state_path(run_dir, epoch),
+        )
         meta["epochs"].append(record)
         atomic_write_json(run_dir / "run.json", meta)
         if progress is not None:
@@ -294,25 +350,43 @@ def _previous_run(run_dir: Path, config: TrainConfig, resume: bool) -> dict | No
     if not run_json.exists():
         return None
     if not resume:
-        raise CheckpointError(f"{run_dir} already holds a run; pass resume=True to continue it, or choose another folder")
+        raise CheckpointError(
+            f"{run_dir} already holds a run; pass resume=True to continue it, or choose another folder"
+        )
     old_meta = read_json(run_json)
     diff = _compatible(old_meta.get("config", {}), config)
     if diff:
-        raise CheckpointError(f"cannot resume {run_dir}: the config differs in {', '.join(diff)} (only 'epochs' may change)")
+        raise CheckpointError(
+            f"cannot resume {run_dir}: the config differs in {', '.join(diff)} (only 'epochs' may change)"
+        )
     return old_meta
 
 
-def _restore(run_dir: Path, config: TrainConfig, old_meta: dict | None, model, optimizer, data_gen, noise_gen) -> _Start:
+def _restore(
+    run_dir: Path, config: TrainConfig, old_meta: dict | None, model, optimizer, data_gen, noise_gen
+) -> _Start:
     """Put model, optimizer and generators where the run continues (the last epoch with both its
-    checkpoint and its state, else the start) and delete files of later, stale epochs."""
+    checkpoint and its state, else the start) and delete files of later, stale epochs.
+    """
     if old_meta is None:
         head = _load_init_checkpoint(model, config) if config.init_checkpoint else False
         return _Start(head_reinitialised=head)
     recorded = old_meta.get("epochs", [])
-    epoch = next((e for e in range(len(recorded), 0, -1)
-                  if _epoch_path(run_dir, e).is_file() and _state_path(run_dir, e).is_file()), 0)
-    start = _Start(epoch, list(recorded[:epoch]), old_meta, bool(old_meta.get("head_reinitialised", False)),
-                   list(old_meta.get("resumed_at", [])) + [epoch])
+    epoch = next(
+        (
+            e
+            for e in range(len(recorded), 0, -1)
+            if _epoch_path(run_dir, e).is_file() and _state_path(run_dir, e).is_file()
+        ),
+        0,
+    )
+    start = _Start(
+        epoch,
+        list(recorded[:epoch]),
+        old_meta,
+        bool(old_meta.get("head_reinitialised", False)),
+        list(old_meta.get("resumed_at", [])) + [epoch],
+    )
     if epoch > 0:
         load_checkpoint_into(model, _epoch_path(run_dir, epoch))
         state = _load_state(_state_path(run_dir, epoch))
@@ -351,19 +425,23 @@ def _run_metadata(config: TrainConfig, data: DataBundle, model, start: _Start) -
     }
 
 
-def _train_epoch(model, optimizer, config: TrainConfig, data: DataBundle, data_gen, epoch: int, run_dir: Path) -> None:
+def _train_epoch(
+    model, optimizer, config: TrainConfig, data: DataBundle, data_gen, epoch: int, run_dir: Path
+) -> None:
     """One pass over the shuffled training batches, the learning rate following the schedule."""
     try:
         _epoch_steps(model, optimizer, config, *data.train, data_gen, epoch)
     except Diverged as exc:
         raise NonFiniteError(
             f"training loss became {exc.value} at epoch {epoch}, step {exc.step + 1}; "
-            f"try a smaller lr (now {config.lr}); epochs 1–{epoch - 1} are kept in {run_dir}") from None
+            f"try a smaller lr (now {config.lr}); epochs 1–{epoch - 1} are kept in {run_dir}"
+        ) from None
 
 
 def _epoch_steps(model, optimizer, config: TrainConfig, X, y, data_gen, epoch: int) -> None:
     """Epoch ``epoch`` (1-based) of ``config.epochs`` over (X, y): shuffled batches, one optimizer step
-    each, the learning rate following the schedule; raises :class:`Diverged` on a non-finite loss."""
+    each, the learning rate following the schedule; raises :class:`Diverged` on a non-finite loss.
+    """
     steps_per_epoch = math.ceil(X.shape[0] / config.batch_size)
     total = config.epochs * steps_per_epoch
 
@@ -378,7 +456,9 @@ def _epoch_steps(model, optimizer, config: TrainConfig, X, y, data_gen, epoch: i
 
     model.train()
     closures = (closure_for(xb, yb) for xb, yb in batches(X, y, config.batch_size, generator=data_gen))
-    rates = (learning_rate(config, (epoch - 1) * steps_per_epoch + step, total) for step in range(steps_per_epoch))
+    rates = (
+        learning_rate(config, (epoch - 1) * steps_per_epoch + step, total) for step in range(steps_per_epoch)
+    )
     for _ in optimization_steps(optimizer, closures, rates):
         pass
 
@@ -389,7 +469,8 @@ def recipe_trainer(run_dir: str | Path, epochs: int) -> Callable[[tuple, Mapping
     trains the run's model with the run's own recipe, read from its run.json (method and its options,
     base optimizer, lr and schedule, momentum, weight decay, batch size, seed), for ``epochs`` epochs
     on (X, y) only, from the weights ``start`` (the run's init.pt when the certificate calls it), and
-    returns the trained state_dict. Seeded as a run is: the same call gives the same weights."""
+    returns the trained state_dict. Seeded as a run is: the same call gives the same weights.
+    """
     meta, _ = load_run(run_dir)
     epochs = check_integer("prior_epochs", epochs)
     config = dataclasses.replace(TrainConfig.from_dict(meta["config"]), epochs=epochs)
@@ -405,8 +486,10 @@ def recipe_trainer(run_dir: str | Path, epochs: int) -> Callable[[tuple, Mapping
             for epoch in range(1, config.epochs + 1):
                 _epoch_steps(model, optimizer, config, X, y, data_gen, epoch)
         except Diverged as exc:
-            raise NonFiniteError(f"training the prior: the loss became {exc.value} at epoch {epoch}; "
-                                 f"try a smaller lr (now {config.lr})") from None
+            raise NonFiniteError(
+                f"training the prior: the loss became {exc.value} at epoch {epoch}; "
+                f"try a smaller lr (now {config.lr})"
+            ) from None
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     return trainer
@@ -416,9 +499,13 @@ def _load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot read resume state {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(
+            f"cannot read resume state {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        ) from None
     if not isinstance(state, dict) or not {"optimizer", "data_generator", "noise_generator"} <= set(state):
-        raise CheckpointError(f"{path} is not a resume state (needs optimizer, data_generator, noise_generator)")
+        raise CheckpointError(
+            f"{path} is not a resume state (needs optimizer, data_generator, noise_generator)"
+        )
     return state
 
 
@@ -443,7 +530,9 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Path]]:
     return meta, [p for _, p in sorted(found)]
 
 
-def build_run_model(run: str | Path | Mapping[str, Any], checkpoint: str | Path | None = None) -> torch.nn.Module:
+def build_run_model(
+    run: str | Path | Mapping[str, Any], checkpoint: str | Path | None = None
+) -> torch.nn.Module:
     """Rebuild the model of a run (from its folder or its run.json metadata), in eval mode.
 
     Without ``checkpoint`` the weights are the run's seeded initialisation (before any

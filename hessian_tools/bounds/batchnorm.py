@@ -61,7 +61,8 @@ def fold_batchnorm(
 
 def _load_prior_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load a prior state_dict into ``model`` (a private copy), insisting on every parameter and on
-    the running statistics of every BatchNorm layer; other buffers must equal the model's."""
+    the running statistics of every BatchNorm layer; other buffers must equal the model's.
+    """
     if not isinstance(state, Mapping):
         raise TypeError(
             f"prior_state must be a state_dict (a mapping of names to tensors), got {type(state).__name__}"

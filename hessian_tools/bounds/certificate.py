@@ -5,24 +5,26 @@ stochastic network with probability ≥ 1 − δ (under the assumptions listed i
 Hessian-based *measures* of :mod:`hessian_tools.bounds.measures` are not: keep the two apart when
 reporting.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import pacbayes
-from ..errors import CheckpointError
-from ..results import CertificateResult
 from ..checks import check_choice, check_integer, check_positive, check_positive_numbers
+from ..errors import CheckpointError
 from ..estimators.probes import gaussian_rows
+from ..results import CertificateResult
 from ..seeding import resolve_seed, seeded_generator
 from ..stability import PerturbedEvaluator
 from ..stats import mean_and_stderr
+from . import pacbayes
 
 __all__ = ["pac_bayes_certificate", "DEFAULT_SIGMAS", "LOSSES", "default_loss_max"]
 
@@ -56,7 +58,8 @@ def _bounded_ce(loss_max: float):
 
 def _prior_vector(model: nn.Module, prior_state, evaluator: PerturbedEvaluator) -> torch.Tensor:
     """W0 of the selected parameters (flat, float64), after checking ``prior_state`` fits the model
-    and agrees with it on every parameter that is NOT perturbed."""
+    and agrees with it on every parameter that is NOT perturbed.
+    """
     if not isinstance(prior_state, Mapping):
         raise TypeError(
             f"prior_state must be a state_dict (a mapping of names to tensors), got {type(prior_state).__name__}; "
@@ -65,20 +68,32 @@ def _prior_vector(model: nn.Module, prior_state, evaluator: PerturbedEvaluator) 
     params = dict(model.named_parameters())
     missing = [k for k in params if k not in prior_state]
     if missing:
-        raise CheckpointError(f"prior_state does not fit the model: {len(missing)} parameter(s) missing, first: {', '.join(missing[:3])}")
-    bad = [f"{k}: prior {tuple(prior_state[k].shape)} vs model {tuple(p.shape)}" for k, p in params.items()
-           if not isinstance(prior_state[k], torch.Tensor) or tuple(prior_state[k].shape) != tuple(p.shape)]
+        raise CheckpointError(
+            f"prior_state does not fit the model: {len(missing)} parameter(s) missing, first: {', '.join(missing[:3])}"
+        )
+    bad = [
+        f"{k}: prior {tuple(prior_state[k].shape)} vs model {tuple(p.shape)}"
+        for k, p in params.items()
+        if not isinstance(prior_state[k], torch.Tensor) or tuple(prior_state[k].shape) != tuple(p.shape)
+    ]
     if bad:
-        raise CheckpointError(f"prior_state does not fit the model: {len(bad)} shape mismatch(es), first: {'; '.join(bad[:3])}")
+        raise CheckpointError(
+            f"prior_state does not fit the model: {len(bad)} shape mismatch(es), first: {'; '.join(bad[:3])}"
+        )
     selected = set(evaluator.param_names)
-    moved = [k for k, p in params.items() if k not in selected
-             and not torch.equal(prior_state[k].detach().to(p.device, p.dtype), p.detach())]
+    moved = [
+        k
+        for k, p in params.items()
+        if k not in selected and not torch.equal(prior_state[k].detach().to(p.device, p.dtype), p.detach())
+    ]
     if moved:
         raise ValueError(
             f"parameter(s) not in the perturbed selection differ from the prior state ({', '.join(moved[:3])}): "
             "the posterior would be a point mass away from the prior there (KL = ∞); select them too"
         )
-    return torch.cat([prior_state[n].detach().reshape(-1).to(torch.float64).cpu() for n in evaluator.param_names])
+    return torch.cat(
+        [prior_state[n].detach().reshape(-1).to(torch.float64).cpu() for n in evaluator.param_names]
+    )
 
 
 def pac_bayes_certificate(
@@ -135,7 +150,9 @@ def pac_bayes_certificate(
     n_mc = check_integer("n_mc", n_mc)
     check_choice("loss", loss, LOSSES)
     seed = resolve_seed(seed)
-    evaluator = PerturbedEvaluator(model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size)
+    evaluator = PerturbedEvaluator(
+        model, data, params, mode=mode, dtype=dtype, device=device, chunk_size=chunk_size
+    )
     w0 = _prior_vector(model, prior_state, evaluator)
     n = evaluator.num_samples
     if n < pacbayes.MIN_N_MAURER:
@@ -145,19 +162,42 @@ def pac_bayes_certificate(
     w = evaluator.flat_parameters().detach().to(torch.float64).cpu()
     dist_sq = float(((w - w0) ** 2).sum())
     K = len(grid)
-    rows = [_grid_point(evaluator, statistic, seed, sigma, n_mc, dist_sq, n, delta - delta_mc, delta_mc / K, K)
-            for sigma in grid]
+    rows = [
+        _grid_point(evaluator, statistic, seed, sigma, n_mc, dist_sq, n, delta - delta_mc, delta_mc / K, K)
+        for sigma in grid
+    ]
     bounds = [c["bound"] for c, _ in rows]
     best = int(np.argmin(bounds))
     cert, mc_se = rows[best]
     return CertificateResult(
-        bound=cert["bound"], sigma=grid[best], sigma_index=best, kl=cert["kl"], dist_sq=dist_sq, dim=evaluator.dim,
-        mc_error=cert["mc_mean"], mc_stderr=mc_se, mc_upper=cert["emp_risk_upper"], kl_term=cert["kl_term"],
-        n=n, n_mc=n_mc, delta=delta, delta_bound=delta - delta_mc, delta_mc=delta_mc, delta_mc_per_sigma=delta_mc / K,
-        grid_size=K, grid_cost=cert["grid_cost"], loss=loss, loss_max=loss_max,
-        train_loss=evaluator.evaluate_base(statistic), seed=seed, evaluations=1 + K * n_mc, sigmas=tuple(grid),
-        grid_bounds=tuple(bounds), grid_kl=tuple(c["kl"] for c, _ in rows),
-        grid_mc_errors=tuple(c["mc_mean"] for c, _ in rows), grid_mc_stderr=tuple(s for _, s in rows),
+        bound=cert["bound"],
+        sigma=grid[best],
+        sigma_index=best,
+        kl=cert["kl"],
+        dist_sq=dist_sq,
+        dim=evaluator.dim,
+        mc_error=cert["mc_mean"],
+        mc_stderr=mc_se,
+        mc_upper=cert["emp_risk_upper"],
+        kl_term=cert["kl_term"],
+        n=n,
+        n_mc=n_mc,
+        delta=delta,
+        delta_bound=delta - delta_mc,
+        delta_mc=delta_mc,
+        delta_mc_per_sigma=delta_mc / K,
+        grid_size=K,
+        grid_cost=cert["grid_cost"],
+        loss=loss,
+        loss_max=loss_max,
+        train_loss=evaluator.evaluate_base(statistic),
+        seed=seed,
+        evaluations=1 + K * n_mc,
+        sigmas=tuple(grid),
+        grid_bounds=tuple(bounds),
+        grid_kl=tuple(c["kl"] for c, _ in rows),
+        grid_mc_errors=tuple(c["mc_mean"] for c, _ in rows),
+        grid_mc_stderr=tuple(s for _, s in rows),
         grid_mc_upper=tuple(c["emp_risk_upper"] for c, _ in rows),
     )
 
@@ -165,13 +205,21 @@ def pac_bayes_certificate(
 def _grid_point(evaluator, statistic, seed, sigma, n_mc, dist_sq, n, delta_bound, delta_mc_each, grid_size):
     """The certificate at one σ of the grid: Monte-Carlo risk of N(W, σ²I) from ``n_mc`` draws (the
     same draws Z_k at every σ), KL to N(W0, σ²I), and the bound with δ_mc/K for the Monte-Carlo
-    statement and δ_bound/K (through ``grid_size``) for the Seeger statement."""
+    statement and δ_bound/K (through ``grid_size``) for the Seeger statement.
+    """
     generator, _ = seeded_generator(seed)
     errors = _draw_and_evaluate(evaluator, statistic, generator, sigma, n_mc)
     mc_mean, mc_se = mean_and_stderr(errors)
     kl = pacbayes.isotropic_gaussian_kl(dist_sq, evaluator.dim, sigma, sigma)
-    cert = pacbayes.certificate_bound(min(max(mc_mean, 0.0), 1.0), n_mc, kl, n, delta=delta_bound + delta_mc_each,
-                                      delta_mc=delta_mc_each, grid_size=grid_size)
+    cert = pacbayes.certificate_bound(
+        min(max(mc_mean, 0.0), 1.0),
+        n_mc,
+        kl,
+        n,
+        delta=delta_bound + delta_mc_each,
+        delta_mc=delta_mc_each,
+        grid_size=grid_size,
+    )
     return cert, mc_se
 
 
@@ -196,13 +244,22 @@ def _num_logits(evaluator: PerturbedEvaluator) -> int:
         return outputs.sum() * 0
 
     first = evaluator.risk.source.first()
-    single = PerturbedEvaluator(evaluator.model, [(first[1], first[2])], evaluator.param_names, mode=evaluator.mode,
-                                dtype=evaluator.dtype, device=evaluator.device, chunk_size=1)
+    single = PerturbedEvaluator(
+        evaluator.model,
+        [(first[1], first[2])],
+        evaluator.param_names,
+        mode=evaluator.mode,
+        dtype=evaluator.dtype,
+        device=evaluator.device,
+        chunk_size=1,
+    )
     single.evaluate_base(width)
     return box["C"]
 
 
-def _draw_and_evaluate(evaluator: PerturbedEvaluator, statistic, generator: torch.Generator, sigma: float, count: int) -> torch.Tensor:
+def _draw_and_evaluate(
+    evaluator: PerturbedEvaluator, statistic, generator: torch.Generator, sigma: float, count: int
+) -> torch.Tensor:
     """The statistic at W + σZ_k for ``count`` fresh draws Z_k, drawn and evaluated block by block."""
     step = evaluator.chunk_size or count
     out = []

@@ -3,10 +3,11 @@
 Each replaces a sampled quantity by a Taylor approximation or drops constants, so none is a bound that
 holds with probability 1 − δ; the certificate is :func:`hessian_tools.bounds.certificate.pac_bayes_certificate`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -86,8 +87,10 @@ def hessian_measures(
         trace_result = estimate_trace(op, seed=seed, **(trace_kwargs or {}))
     block_traces = _block_traces(trace_result, blocks)
     quads = _layer_quadratic_forms(op, blocks, v, quadrature_steps, quadrature_tol)
-    layers = [_layer_measure(block, T, T_se, q, float(v[block.slice].norm()), n, n * lam)
-              for block, (T, T_se), q in zip(blocks, block_traces, quads)]
+    layers = [
+        _layer_measure(block, T, T_se, q, float(v[block.slice].norm()), n, n * lam)
+        for block, (T, T_se), q in zip(blocks, block_traces, quads)
+    ]
     T, T_se = float(trace_result.estimate), float(trace_result.stderr)
     dist = float(v.norm())
     radius, radius_se = _trace_radius(T, T_se, dist, n)
@@ -98,16 +101,26 @@ def hessian_measures(
         second_order_stderr=sum(layer.second_order_stderr for layer in layers),
         distance_hessian=sum(layer.distance_hessian for layer in layers),
         distance_hessian_change=sum(_distance_change(layer, n) for layer in layers),
-        trace_radius=radius, trace_radius_stderr=radius_se, trace=T, trace_stderr=T_se, dist=dist, loss=loss,
-        n=n, lam=lam, seed=trace_result.seed, hvps=int(trace_result.hvps) + quad_hvps,
-        trace_hvps=int(trace_result.hvps), quadrature_hvps=quad_hvps,
-        quadrature_steps=int(quadrature_steps), layers=tuple(layers),
+        trace_radius=radius,
+        trace_radius_stderr=radius_se,
+        trace=T,
+        trace_stderr=T_se,
+        dist=dist,
+        loss=loss,
+        n=n,
+        lam=lam,
+        seed=trace_result.seed,
+        hvps=int(trace_result.hvps) + quad_hvps,
+        trace_hvps=int(trace_result.hvps),
+        quadrature_hvps=quad_hvps,
+        quadrature_steps=int(quadrature_steps),
+        layers=tuple(layers),
         note="MEASURES, not certificates: Taylor-approximated / constants dropped; no 1 − δ guarantee",
     )
 
 
 def _displacement(op, blocks, weights, prior_flat) -> torch.Tensor:
-    """v = W − W0, flat, float64, in the operator's parameter order."""
+    """V = W − W0, flat, float64, in the operator's parameter order."""
     if weights is None:
         if not hasattr(op, "flat_parameters"):
             raise ValueError("this operator has no flat_parameters(); pass weights= (the flat W)")
@@ -121,7 +134,9 @@ def _displacement(op, blocks, weights, prior_flat) -> torch.Tensor:
         prior_flat = torch.cat([prior_flat[k].detach().reshape(-1) for k in names])
     w0 = torch.as_tensor(prior_flat).detach().reshape(-1).to(torch.float64).cpu()
     if w.numel() != op.dim or w0.numel() != op.dim:
-        raise ValueError(f"weights and prior must have the operator's length {op.dim}, got {w.numel()} and {w0.numel()}")
+        raise ValueError(
+            f"weights and prior must have the operator's length {op.dim}, got {w.numel()} and {w0.numel()}"
+        )
     return w - w0
 
 
@@ -129,7 +144,9 @@ def _block_traces(trace_result: TraceResult, blocks) -> list[tuple[float, float]
     """(T_i, se(T_i)) per block from the trace result's per-block traces."""
     if trace_result.blocks:
         if [b.name for b in trace_result.blocks] != [b.name for b in blocks]:
-            raise ValueError("trace_result's per-block traces do not match the operator's blocks (another parameter selection?)")
+            raise ValueError(
+                "trace_result's per-block traces do not match the operator's blocks (another parameter selection?)"
+            )
         return [(float(b.estimate), float(b.stderr)) for b in trace_result.blocks]
     if len(blocks) == 1:
         return [(float(trace_result.estimate), float(trace_result.stderr))]
@@ -138,7 +155,8 @@ def _block_traces(trace_result: TraceResult, blocks) -> list[tuple[float, float]
 
 def _layer_quadratic_forms(op, blocks, v: torch.Tensor, steps: int, tol: float):
     """All per-layer v_iᵀ H_ii⁺ v_i in one batched Lanczos run: column i is v_i zero-padded to the full
-    length, and the operator restricts each column's product to its block."""
+    length, and the operator restricts each column's product to its block.
+    """
     V = torch.zeros(op.dim, len(blocks), dtype=torch.float64)
     for column, block in enumerate(blocks):
         V[block.slice, column] = v[block.slice]
@@ -147,7 +165,8 @@ def _layer_quadratic_forms(op, blocks, v: torch.Tensor, steps: int, tol: float):
 
 def _layer_measure(block, T: float, T_se: float, q, d: float, n: int, nlam: float) -> LayerMeasure:
     """One layer's second-order term ‖v_i‖√(T_i/(nλ)) (T_i ≤ 0 clipped), its σ_i and stderr, and its
-    Ju–Li–Zhang term √(v_iᵀH_i⁺v_i)/√n."""
+    Ju–Li–Zhang term √(v_iᵀH_i⁺v_i)/√n.
+    """
     clipped = not T > 0
     if clipped:
         term, term_se, sigma = 0.0, d * math.sqrt(max(T_se, 0.0) / nlam), math.inf
@@ -156,9 +175,19 @@ def _layer_measure(block, T: float, T_se: float, q, d: float, n: int, nlam: floa
         term_se = d * T_se / (2.0 * math.sqrt(nlam * T))
         sigma = (d * d / (nlam * T)) ** 0.25
     return LayerMeasure(
-        name=block.name, size=block.size, dist=d, trace=T, trace_stderr=T_se, trace_clipped=clipped, sigma=sigma,
-        second_order=term, second_order_stderr=term_se, quadratic_form=q.estimate,
-        quadratic_form_change=q.change, quadratic_form_steps=q.steps, exhausted=q.exhausted,
+        name=block.name,
+        size=block.size,
+        dist=d,
+        trace=T,
+        trace_stderr=T_se,
+        trace_clipped=clipped,
+        sigma=sigma,
+        second_order=term,
+        second_order_stderr=term_se,
+        quadratic_form=q.estimate,
+        quadratic_form_change=q.change,
+        quadratic_form_steps=q.steps,
+        exhausted=q.exhausted,
         distance_hessian=math.sqrt(max(q.estimate, 0.0)) / math.sqrt(n),
     )
 

@@ -19,6 +19,7 @@ Notation: ``kl(q‖p)`` is the KL divergence between Bernoulli(q) and Bernoulli(
 
 Bad input raises :class:`ValueError` with one line naming the argument.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,13 @@ def _real(name, x):
 
 
 def _n_maurer(n):
-    return check_integer("n", n, MIN_N_MAURER, integral_floats=True, why=" (Maurer's bound E exp(n kl) <= 2 sqrt(n) is proved for n >= 8)")
+    return check_integer(
+        "n",
+        n,
+        MIN_N_MAURER,
+        integral_floats=True,
+        why=" (Maurer's bound E exp(n kl) <= 2 sqrt(n) is proved for n >= 8)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +143,11 @@ def _kl_scalar(q, p):
     x = d / q
     y = -d / (1.0 - q)
     t1 = q * (x - math.log1p(x)) if abs(x) < 0.5 else d - q * (math.log(p) - math.log(q))
-    t2 = (1.0 - q) * (y - math.log1p(y)) if abs(y) < 0.5 else -d - (1.0 - q) * (math.log1p(-p) - math.log1p(-q))
+    t2 = (
+        (1.0 - q) * (y - math.log1p(y))
+        if abs(y) < 0.5
+        else -d - (1.0 - q) * (math.log1p(-p) - math.log1p(-q))
+    )
     return max(t1, 0.0) + max(t2, 0.0)
 
 
@@ -244,7 +255,8 @@ def kl_inverse_lower(q, c, tol=1e-12):
 # --------------------------------------------------------------------------------------------
 def maurer_complexity(kl, n, delta):
     """``(KL + ln(2√n/δ)) / n``: the right-hand side of the PAC-Bayes-kl bound (see
-    :func:`seeger_bound`). Requires ``n ≥ 8``, ``δ ∈ (0, 1)``, ``KL ≥ 0``."""
+    :func:`seeger_bound`). Requires ``n ≥ 8``, ``δ ∈ (0, 1)``, ``KL ≥ 0``.
+    """
     kl = check_nonnegative("kl", kl)
     n = _n_maurer(n)
     delta = check_open_unit_interval("delta", delta)
@@ -466,7 +478,7 @@ def dziugaite_roy_prior_scale(b, c, j):
     if not (c > 0.0 and math.isfinite(c)):
         raise ValueError(f"c must be finite and > 0, got {c!r}")
     j = check_integer("j", j, integral_floats=True)
-    return c * math.exp(-j / b), 2.0 * math.log(j) + math.log(math.pi ** 2 / 6.0)
+    return c * math.exp(-j / b), 2.0 * math.log(j) + math.log(math.pi**2 / 6.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,13 +508,16 @@ def mc_risk_upper(mc_mean, m, delta_mc):
 def split_delta(delta, delta_mc=None) -> tuple[float, float, float]:
     """Split the total failure probability δ = δ_bound + δ_mc between the PAC-Bayes bound and the
     Monte-Carlo estimate of the stochastic predictor's risk (a union bound); δ_mc defaults to δ/2
-    and must lie in (0, δ). Returns ``(delta, delta_bound, delta_mc)``."""
+    and must lie in (0, δ). Returns ``(delta, delta_bound, delta_mc)``.
+    """
     delta = check_open_unit_interval("delta", delta)
     if delta_mc is None:
         delta_mc = delta / 2.0
     delta_mc = check_open_unit_interval("delta_mc", delta_mc)
     if not delta_mc < delta:
-        raise ValueError(f"delta_mc must be < delta (delta = delta_bound + delta_mc), got {delta_mc!r} >= {delta!r}")
+        raise ValueError(
+            f"delta_mc must be < delta (delta = delta_bound + delta_mc), got {delta_mc!r} >= {delta!r}"
+        )
     return delta, delta - delta_mc, delta_mc
 
 

@@ -70,9 +70,9 @@ from ..checks import (
     check_positive,
     check_positive_numbers,
 )
-from ..operators.data_source import is_single_pair
 from ..errors import DataError, NonFiniteError
 from ..estimators.probes import gaussian_rows
+from ..operators.data_source import is_single_pair
 from ..operators.params import computation_mode, make_blocks
 from ..results import PosteriorCertificateResult
 from ..seeding import resolve_seed, seeded_generator
@@ -138,7 +138,8 @@ def _as_tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 def split_for_prior(data: Any, fraction: float, seed: int | None = 0):
     """Split ``data`` at random into ``(prior_part, bound_part)``: ``round(fraction·n)`` samples to
     train a data-dependent prior on, the rest to evaluate the bound on (a seeded permutation, so the
-    split is independent of the labels). Each part is an (X, y) pair."""
+    split is independent of the labels). Each part is an (X, y) pair.
+    """
     fraction = check_open_unit_interval("prior_split", fraction)
     X, y = _as_tensors(data, "data")
     n = y.shape[0]
@@ -154,7 +155,8 @@ def split_for_prior(data: Any, fraction: float, seed: int | None = 0):
 # --------------------------------------------------------------------------------------------
 def _group_labels(names: Sequence[str], prior_groups) -> list[str]:
     """A prior-group label per parameter tensor: None → one group; "head" → ``head.*`` vs the rest;
-    "layer" → one group per tensor; a mapping name → label or a callable name → label."""
+    "layer" → one group per tensor; a mapping name → label or a callable name → label.
+    """
     if prior_groups is None:
         return ["all"] * len(names)
     if prior_groups == "head":
@@ -179,7 +181,8 @@ def _group_labels(names: Sequence[str], prior_groups) -> list[str]:
 def _hessian_vector(hessian_diagonal, model: nn.Module, folded: Sequence[str], dim: int) -> torch.Tensor:
     """|H_ii| in the folded coordinates, flat float64. The diagonal is of the ORIGINAL parametrisation
     (flat in ``model.named_parameters()`` order, or a mapping name → tensor). A folded BatchNorm scale
-    a = γ/√(v+ε) gets H_aa ≈ (v+ε)·H_γγ (the γ–β cross term is ignored: this only starts s)."""
+    a = γ/√(v+ε) gets H_aa ≈ (v+ε)·H_γγ (the γ–β cross term is ignored: this only starts s).
+    """
     names = [n for n, _ in model.named_parameters()]
     if isinstance(hessian_diagonal, Mapping):
         missing = [n for n in names if n not in hessian_diagonal]
@@ -210,9 +213,10 @@ def _initial_log_sigma(
     budget: float,
     cap: float,
 ) -> torch.Tensor:
-    """log s at the start: ``init_sigma`` everywhere, or s_i² = κ/(|H_ii| + c) (per layer: the layer's
+    """Log s at the start: ``init_sigma`` everywhere, or s_i² = κ/(|H_ii| + c) (per layer: the layer's
     mean |H_ii|), with κ such that the second-order loss increase ½ Σ_i |H_ii| s_i² equals ``budget``
-    and c = ``damping`` (default: the mean |H_ii|); capped at the largest prior scale."""
+    and c = ``damping`` (default: the mean |H_ii|); capped at the largest prior scale.
+    """
     if h is None:
         return torch.full((count,), math.log(init_sigma), dtype=torch.float64)
     per_unit = torch.zeros(count, dtype=torch.float64).index_add_(0, index, h)
@@ -330,15 +334,24 @@ def optimised_certificate(
     )
     lr, mean_lr, init_sigma, noise_budget = (
         check_positive(k, v)
-        for k, v in (("lr", lr), ("mean_lr", mean_lr), ("init_sigma", init_sigma), ("noise_budget", noise_budget))
+        for k, v in (
+            ("lr", lr),
+            ("mean_lr", mean_lr),
+            ("init_sigma", init_sigma),
+            ("noise_budget", noise_budget),
+        )
     )
-    refine_fraction = check_number("refine_fraction", refine_fraction, minimum=0.0, maximum=1.0, open_maximum=True)
+    refine_fraction = check_number(
+        "refine_fraction", refine_fraction, minimum=0.0, maximum=1.0, open_maximum=True
+    )
     if batch_size is not None:
         batch_size = check_integer("batch_size", batch_size)
     seed = resolve_seed(seed)
     sub_seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(4)]
 
-    (X, y), prior_state, n_prior = _bound_set_and_prior(data, prior_state, prior_split, prior_trainer, sub_seeds[3])
+    (X, y), prior_state, n_prior = _bound_set_and_prior(
+        data, prior_state, prior_split, prior_trainer, sub_seeds[3]
+    )
     prior_label = "pre-trained" if prior_split is None else "data-dependent"
     n = int(y.shape[0])
     if n < pacbayes.MIN_N_MAURER:
@@ -349,7 +362,9 @@ def optimised_certificate(
     grid_cost = co.num_groups * math.log(K)
     confidence = grid_cost + math.log(2.0 * math.sqrt(n) / delta_bound)
     h = None if hessian_diagonal is None else _hessian_vector(hessian_diagonal, model, co.folded, co.dim)
-    log_s = _initial_log_sigma(h, co.var_index, co.units, init_sigma, hessian_damping, noise_budget, float(grid[-1]))
+    log_s = _initial_log_sigma(
+        h, co.var_index, co.units, init_sigma, hessian_damping, noise_budget, float(grid[-1])
+    )
     num_classes = _num_classes(co.model, X[:1].to(co.device, co.dtype))
     loss_max = default_loss_max(num_classes) if loss_max is None else check_positive("loss_max", loss_max)
 
@@ -370,7 +385,9 @@ def optimised_certificate(
     shift = mu - co.w
     mc_error, mc_stderr = mean_and_stderr(_draw_errors(bound_eval, shift, sigma, n_mc, sub_seeds[1]))
     mc_error = min(max(mc_error, 0.0), 1.0)
-    cert = pacbayes.certificate_bound(mc_error, n_mc, kl, n, delta, delta_mc=delta_mc, grid_size=K**co.num_groups)
+    cert = pacbayes.certificate_bound(
+        mc_error, n_mc, kl, n, delta, delta_mc=delta_mc, grid_size=K**co.num_groups
+    )
     test = _test_errors(co.model, test_data, shift, sigma, n_mc_test, sub_seeds[2], optimise_mean, chunk_size)
 
     mean_label = (
@@ -433,7 +450,8 @@ def optimised_certificate(
 def _bound_set_and_prior(data, prior_state, prior_split, prior_trainer, seed):
     """The bound set (X, y), the prior weights and the number of samples the prior was trained on:
     all of ``data`` and ``prior_state`` as given, or — with ``prior_split`` — the part not used by
-    ``prior_trainer``, which turns ``prior_state`` into a prior trained on the other part."""
+    ``prior_trainer``, which turns ``prior_state`` into a prior trained on the other part.
+    """
     X, y = _as_tensors(data, "data")
     if prior_split is None:
         if prior_trainer is not None:
@@ -449,7 +467,8 @@ def _bound_set_and_prior(data, prior_state, prior_split, prior_trainer, seed):
 class _Coordinates:
     """The folded network and the flat coordinates the Gaussians live on: W (``w``) and W0 (``w0``),
     float64 of length ``dim``; per coordinate its prior group (``group``) and variance unit
-    (``var_index``: the tensor's index per layer, or the coordinate itself per parameter)."""
+    (``var_index``: the tensor's index per layer, or the coordinate itself per parameter).
+    """
 
     model: nn.Module
     folded: tuple
@@ -497,9 +516,12 @@ def _coordinates(model: nn.Module, prior_state, prior_groups, variance: str) -> 
     )  # fmt: skip
 
 
-def _test_errors(model, test_data, shift, sigma, n_mc_test: int, seed, optimise_mean: bool, chunk_size) -> dict:
+def _test_errors(
+    model, test_data, shift, sigma, n_mc_test: int, seed, optimise_mean: bool, chunk_size
+) -> dict:
     """The checkpoint's and the posterior's test errors (the latter from ``n_mc_test`` draws, mean ±
-    standard error) and, with an optimised mean, the error of μ itself; ``None``s without test data."""
+    standard error) and, with an optimised mean, the error of μ itself; ``None``s without test data.
+    """
     test = {"test_error": None, "posterior_test_error": None, "posterior_test_stderr": None,
             "mean_test_error": None, "n_test": 0, "n_mc_test": 0}  # fmt: skip
     if test_data is None:
@@ -522,7 +544,7 @@ def _test_errors(model, test_data, shift, sigma, n_mc_test: int, seed, optimise_
 
 
 def _layer_sigmas(log_s: torch.Tensor, blocks, variance: str) -> tuple[float, ...]:
-    """s per parameter tensor (per-parameter variances: the tensor's root-mean-square s)."""
+    """S per parameter tensor (per-parameter variances: the tensor's root-mean-square s)."""
     s_unit = torch.exp(log_s)
     if variance == "layer":
         return tuple(float(s_unit[i]) for i in range(len(blocks)))
@@ -560,7 +582,8 @@ def _draw_errors(evaluator: PerturbedEvaluator, shift, sigma, count: int, seed) 
 
 def _grid_kl(mu, sigma, w0, group, num_groups, grid):
     """Per group, the exact KL at every grid λ (float64, :func:`pacbayes.gaussian_kl`); returns the
-    smallest per group and the grid index that attains it."""
+    smallest per group and the grid index that attains it.
+    """
     kls, index = [], []
     for g in range(num_groups):
         sel = group == g
@@ -594,7 +617,12 @@ def _optimise(
 ):
     """Adam on log s (and μ): minimise the surrogate bound. Returns (μ, log s, history, last value)."""
     model, blocks, w0, var_index, group, num_groups = (
-        co.model, co.blocks, co.w0, co.var_index, co.group, co.num_groups
+        co.model,
+        co.blocks,
+        co.w0,
+        co.var_index,
+        co.group,
+        co.num_groups,
     )
     dtype, device = co.dtype, co.device
     generator, _ = seeded_generator(seed)

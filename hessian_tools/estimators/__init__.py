@@ -1,4 +1,5 @@
 """Estimators: plain functions over any operator with ``dim`` and ``matmat``."""
+
 from .baston2022diagpp import diagpp
 from .control_variate import control_variate_trace, ggn_trace
 from .density import density
@@ -11,6 +12,18 @@ from .quadrature import quadratic_form, quadratic_forms
 from .trace import trace
 
 __all__ = [
-    "control_variate_trace", "density", "diagonal", "diagpp", "eigenvalues", "ggn_trace", "hutchinson", "hutchinson_diagonal", "hutchpp",
-    "quadratic_form", "quadratic_forms", "trace", "xdiag", "xtrace",
+    "control_variate_trace",
+    "density",
+    "diagonal",
+    "diagpp",
+    "eigenvalues",
+    "ggn_trace",
+    "hutchinson",
+    "hutchinson_diagonal",
+    "hutchpp",
+    "quadratic_form",
+    "quadratic_forms",
+    "trace",
+    "xdiag",
+    "xtrace",
 ]

@@ -21,6 +21,7 @@ block sums of the same samples. When rank(H) ≤ k, B = 0 and the estimate is ex
 When ``max_hvps ≥ dim`` the diagonal is computed exactly as diag(H·I) with dim HVPs instead
 (stderr 0, no probes): a sketch of that size would cost more and be no better.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,10 +34,12 @@ from .diagonal import CoordinateMoments, diagonal_result, exact_diagonal, sample
 from .probes import rademacher
 
 
-def diagpp(op, *, max_hvps: int = 100, sketch: int | None = None, block_size: int = 16,
-           seed: int | None = 0) -> DiagonalResult:
+def diagpp(
+    op, *, max_hvps: int = 100, sketch: int | None = None, block_size: int = 16, seed: int | None = 0
+) -> DiagonalResult:
     """Estimate diag(H) by Diag++: a sketch of ``sketch`` columns (default ⌊max_hvps/3⌋), then
-    max_hvps − 2·sketch Hutchinson probes of the deflated residual (see the module docstring)."""
+    max_hvps − 2·sketch Hutchinson probes of the deflated residual (see the module docstring).
+    """
     check_integer("max_hvps", max_hvps, 4)
     check_integer("block_size", block_size)
     H = CountingOperator(op)
@@ -46,12 +49,15 @@ def diagpp(op, *, max_hvps: int = 100, sketch: int | None = None, block_size: in
         sketch = max_hvps // 3
     check_integer("sketch", sketch)
     if 2 * sketch + 2 > max_hvps:
-        raise ValueError(f"max_hvps={max_hvps} leaves fewer than 2 residual probes after a sketch of "
-                         f"{sketch} (needs 2·sketch + 2)")
+        raise ValueError(
+            f"max_hvps={max_hvps} leaves fewer than 2 residual probes after a sketch of "
+            f"{sketch} (needs 2·sketch + 2)"
+        )
     generator, seed = seeded_generator(seed)
     Q, _ = torch.linalg.qr(H.matmat(rademacher(H.dim, sketch, generator, device=H.device)))
     exact = (Q * H.matmat(Q)).sum(1)  # diag(QQᵀH)
     moments = CoordinateMoments(H)
-    sample_probes(H, generator, max_hvps - H.hvps, block_size, moments,
-                  residual=lambda HZ: HZ - Q @ (Q.T @ HZ))
+    sample_probes(
+        H, generator, max_hvps - H.hvps, block_size, moments, residual=lambda HZ: HZ - Q @ (Q.T @ HZ)
+    )
     return diagonal_result(moments, H, "diagpp", seed, sketch=sketch, exact=exact)

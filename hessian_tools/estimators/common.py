@@ -1,4 +1,5 @@
 """Helpers shared by the estimators: operator access in float64 and per-block reductions."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,8 @@ from ..operators.params import block_numbers
 
 class CountingOperator(LinearOperator):
     """Wrap an operator for one estimator call: count the HVPs it spends, and hand products back in
-    float64 (V is cast to the operator's dtype for the product)."""
+    float64 (V is cast to the operator's dtype for the product).
+    """
 
     def __init__(self, op):
         self.op = as_operator(op)

@@ -29,7 +29,8 @@ from .hutchinson import sample_quadratic_forms, trace_result
 
 def gauss_newton_for(op) -> OutputCurvatureOperator:
     """``op`` itself if it is a Gauss–Newton/Fisher operator, else the GGN over a
-    :class:`HessianOperator`'s data loop (same model, loss, data, parameters, dtype)."""
+    :class:`HessianOperator`'s data loop (same model, loss, data, parameters, dtype).
+    """
     if isinstance(op, OutputCurvatureOperator):
         return op
     if isinstance(op, HessianOperator):

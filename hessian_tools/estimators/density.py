@@ -32,14 +32,15 @@ over probes / √n_probes (inf for one probe). In particular ``moments["trace"]`
 Hutchinson's trace estimate with these n_probes Rademacher probes (same variance), a free
 by-product of the density.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from ..results import DensityResult
 from ..checks import check_integer, check_positive
+from ..results import DensityResult
 from ..seeding import seeded_generator
 from ..stats import mean_and_stderr
 from .common import CountingOperator
@@ -63,7 +64,8 @@ def density(
 ) -> DensityResult:
     """Spectral density of H by SLQ with ``n_probes`` unit Rademacher probes and ``steps`` batched
     Lanczos steps (see the module docstring). ``grid`` (1-D, increasing) overrides the default grid;
-    ``sigma`` overrides the default smoothing width."""
+    ``sigma`` overrides the default smoothing width.
+    """
     check_integer("n_probes", n_probes)
     check_integer("steps", steps)
     check_integer("grid_size", grid_size, 2)
@@ -85,8 +87,12 @@ def density(
     m1_mean, m1_se = mean_and_stderr(m1)
     m2_mean, m2_se = mean_and_stderr(m2)
     moments = {
-        "m1": m1_mean, "m1_stderr": m1_se, "m2": m2_mean, "m2_stderr": m2_se,
-        "trace": m1_mean * H.dim, "trace_stderr": m1_se * H.dim,
+        "m1": m1_mean,
+        "m1_stderr": m1_se,
+        "m2": m2_mean,
+        "m2_stderr": m2_se,
+        "trace": m1_mean * H.dim,
+        "trace_stderr": m1_se * H.dim,
     }
 
     real = weights > 0  # padding nodes carry weight 0
@@ -118,7 +124,8 @@ def smoothed_density(grid, nodes, weights, sigma: float, chunk: int = 4096) -> n
     """ρ(x) = mean over probes of Σ_i w_i N(x; θ_i, σ²) on ``grid``.
 
     ``nodes``/``weights`` are (n_probes, m) with each row of weights summing to 1, so dividing by
-    the total weight is the mean over probes."""
+    the total weight is the mean over probes.
+    """
     grid = np.asarray(grid, dtype=float)
     nodes = np.asarray(nodes, dtype=float).reshape(-1)
     weights = np.asarray(weights, dtype=float).reshape(-1)

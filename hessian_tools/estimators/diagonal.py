@@ -32,6 +32,7 @@ variances would be wrong).
 Memory: probes are drawn in blocks of ``block_size`` (one data pass each) and the per-coordinate
 mean and variance are accumulated on the fly, so memory is O(dim · block_size), not O(dim · m).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -62,7 +63,8 @@ class CoordinateMoments:
     plus every sample's per-block sums (n_blocks numbers per sample).
 
     Sums are taken about a shift (the first sample), which keeps the variance accurate when it is
-    small next to the mean, and makes it exactly 0 when every sample of a coordinate is the same."""
+    small next to the mean, and makes it exactly 0 when every sample of a coordinate is the same.
+    """
 
     def __init__(self, H: CountingOperator):
         self.blocks = blocks_of(H)
@@ -105,7 +107,8 @@ def sample_probes(
     residual: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Add the samples z ⊙ residual(Hz) of ``n_probes`` Rademacher probes z to ``moments``, in blocks
-    of ``block_size`` (residual: the identity by default; Diag++ projects Hz out of its sketch)."""
+    of ``block_size`` (residual: the identity by default; Diag++ projects Hz out of its sketch).
+    """
     drawn = 0
     while drawn < n_probes:
         size = min(block_size, n_probes - drawn)
@@ -115,8 +118,15 @@ def sample_probes(
         drawn += size
 
 
-def diagonal_result(moments: CoordinateMoments, H: CountingOperator, method: str, seed, *,
-                    sketch: int = 0, exact: torch.Tensor | None = None) -> DiagonalResult:
+def diagonal_result(
+    moments: CoordinateMoments,
+    H: CountingOperator,
+    method: str,
+    seed,
+    *,
+    sketch: int = 0,
+    exact: torch.Tensor | None = None,
+) -> DiagonalResult:
     """The DiagonalResult of an exactly known part ``exact`` (dim,) plus the mean of the samples."""
     estimate, stderr = moments.mean(), moments.stderr()
     block_samples = moments.block_samples()
@@ -127,8 +137,18 @@ def diagonal_result(moments: CoordinateMoments, H: CountingOperator, method: str
     sums = [mean_and_stderr(row) for row in block_samples]
     trace, trace_stderr = mean_and_stderr(block_samples.sum(0))
     sums = [(float(offset) + mean, se) for offset, (mean, se) in zip(offsets, sums)]
-    return _result(H, moments.blocks, estimate, stderr, sums, (float(offsets.sum()) + trace, trace_stderr),
-                   method, seed, moments.count, sketch)
+    return _result(
+        H,
+        moments.blocks,
+        estimate,
+        stderr,
+        sums,
+        (float(offsets.sum()) + trace, trace_stderr),
+        method,
+        seed,
+        moments.count,
+        sketch,
+    )
 
 
 def exact_diagonal(H: CountingOperator, method: str, seed) -> DiagonalResult:
@@ -141,8 +161,18 @@ def exact_diagonal(H: CountingOperator, method: str, seed) -> DiagonalResult:
         diag[start:stop] = torch.diagonal(H.matmat(E)[start:stop])
     blocks = blocks_of(H)
     sums = [(float(diag[b.start : b.stop].sum()), 0.0) for b in blocks]
-    return _result(H, blocks, diag, torch.zeros_like(diag), sums, (float(diag.sum()), 0.0), method, seed,
-                   n_probes=0, sketch=H.dim)
+    return _result(
+        H,
+        blocks,
+        diag,
+        torch.zeros_like(diag),
+        sums,
+        (float(diag.sum()), 0.0),
+        method,
+        seed,
+        n_probes=0,
+        sketch=H.dim,
+    )
 
 
 def _result(H, blocks, estimate, stderr, sums, trace, method, seed, n_probes, sketch) -> DiagonalResult:
@@ -151,21 +181,39 @@ def _result(H, blocks, estimate, stderr, sums, trace, method, seed, n_probes, sk
     summaries = []
     for block, (total, total_se) in zip(blocks, sums):
         values, errors = estimate[block.start : block.stop], stderr[block.start : block.stop]
-        summaries.append(BlockDiagonal(
-            name=block.name, size=block.stop - block.start, sum=total, sum_stderr=total_se,
-            mean_abs=float(np.abs(values).mean()), min=float(values.min()), max=float(values.max()),
-            rms_stderr=float(np.sqrt(np.mean(errors**2))),
-        ))
+        summaries.append(
+            BlockDiagonal(
+                name=block.name,
+                size=block.stop - block.start,
+                sum=total,
+                sum_stderr=total_se,
+                mean_abs=float(np.abs(values).mean()),
+                min=float(values.min()),
+                max=float(values.max()),
+                rms_stderr=float(np.sqrt(np.mean(errors**2))),
+            )
+        )
     return DiagonalResult(
-        trace=trace[0], trace_stderr=trace[1], blocks=tuple(summaries), hvps=H.hvps, method=method,
-        seed=seed, n_probes=n_probes, dim=H.dim, sketch=sketch, estimate=estimate, stderr=stderr,
+        trace=trace[0],
+        trace_stderr=trace[1],
+        blocks=tuple(summaries),
+        hvps=H.hvps,
+        method=method,
+        seed=seed,
+        n_probes=n_probes,
+        dim=H.dim,
+        sketch=sketch,
+        estimate=estimate,
+        stderr=stderr,
     )
 
 
-def hutchinson_diagonal(op, *, max_hvps: int = 100, block_size: int = 16,
-                        seed: int | None = 0) -> DiagonalResult:
+def hutchinson_diagonal(
+    op, *, max_hvps: int = 100, block_size: int = 16, seed: int | None = 0
+) -> DiagonalResult:
     """Estimate diag(H) by Hutchinson's diagonal estimator with ``max_hvps`` Rademacher probes
-    (see the module docstring)."""
+    (see the module docstring).
+    """
     check_integer("max_hvps", max_hvps, 2)
     check_integer("block_size", block_size)
     H = CountingOperator(op)
@@ -175,8 +223,9 @@ def hutchinson_diagonal(op, *, max_hvps: int = 100, block_size: int = 16,
     return diagonal_result(moments, H, "hutchinson", seed)
 
 
-def diagonal(op, method: str = "xdiag", max_hvps: int = 100, seed: int | None = 0,
-             **options) -> DiagonalResult:
+def diagonal(
+    op, method: str = "xdiag", max_hvps: int = 100, seed: int | None = 0, **options
+) -> DiagonalResult:
     """Estimate diag(H) of any operator (``dim`` + ``matmat``) with ``max_hvps`` HVPs.
 
     ``method``: ``"xdiag"`` (default), ``"diagpp"`` or ``"hutchinson"`` (see the module docstring).

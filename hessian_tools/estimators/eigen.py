@@ -19,14 +19,15 @@ order ‖r‖²/gap). Float32 operators cannot resolve residuals much below 1e-7
 ``method="power"``: power iteration with deflation (as in PyHessian), one eigenpair at a time,
 largest magnitude only; kept for comparison with the literature — it needs many more HVPs.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from ..results import EigenResult
 from ..checks import check_choice, check_integer, check_positive
+from ..results import EigenResult
 from ..seeding import seeded_generator
 from .common import CountingOperator
 from .probes import gaussian
@@ -48,7 +49,8 @@ def eigenvalues(
     atol: float = 0.0,
 ) -> EigenResult:
     """The ``k`` eigenvalues of H that are largest (``"LA"``), smallest (``"SA"``) or largest in
-    magnitude (``"LM"``), with their eigenvectors and residual norms (see module docstring)."""
+    magnitude (``"LM"``), with their eigenvectors and residual norms (see module docstring).
+    """
     check_integer("k", k)
     check_integer("max_hvps", max_hvps)
     check_integer("block_size", block_size)
@@ -59,7 +61,9 @@ def eigenvalues(
     if k > H.dim:
         raise ValueError(f"k={k} exceeds the operator dimension {H.dim}")
     if method == "lanczos":
-        values, vectors, residuals, converged = _lanczos(H, k, which, tol, atol, generator, max_hvps, block_size, max_basis)
+        values, vectors, residuals, converged = _lanczos(
+            H, k, which, tol, atol, generator, max_hvps, block_size, max_basis
+        )
     elif method == "power":
         if which != "LM":
             raise ValueError("power iteration finds the largest-magnitude eigenvalues only: use which='LM'")
@@ -67,8 +71,15 @@ def eigenvalues(
     else:
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     return EigenResult(
-        values=values.numpy(), residuals=residuals.numpy(), converged=converged, hvps=H.hvps,
-        which=which, method=method, tol=float(tol), seed=seed, vectors=vectors,
+        values=values.numpy(),
+        residuals=residuals.numpy(),
+        converged=converged,
+        hvps=H.hvps,
+        which=which,
+        method=method,
+        tol=float(tol),
+        seed=seed,
+        vectors=vectors,
     )
 
 
@@ -83,7 +94,8 @@ def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
 
 def _orthonormalize(X: torch.Tensor, Q: torch.Tensor, scale: float) -> torch.Tensor:
     """Orthogonalise the columns of X against Q (twice: CGS2) and among themselves; drop the
-    directions that vanish (norm below 1e-10·scale relative to the input)."""
+    directions that vanish (norm below 1e-10·scale relative to the input).
+    """
     for _ in range(2):
         if Q.shape[1]:
             X = X - Q @ (Q.T @ X)
@@ -167,5 +179,9 @@ def _power(H: CountingOperator, k, tol, atol, generator, max_hvps):
         vectors.append(v)
         U = torch.cat([U, v[:, None]], dim=1)
         lam_U = torch.cat([lam_U, torch.tensor([lam], dtype=torch.float64)])
-    return (torch.tensor(values, dtype=torch.float64), torch.stack(vectors, dim=1),
-            torch.tensor(residuals, dtype=torch.float64), all_converged)
+    return (
+        torch.tensor(values, dtype=torch.float64),
+        torch.stack(vectors, dim=1),
+        torch.tensor(residuals, dtype=torch.float64),
+        all_converged,
+    )

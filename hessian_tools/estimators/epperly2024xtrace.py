@@ -88,6 +88,7 @@ about 20% small (58% within one stderr, 98% within three). Block sums and the tr
 from the per-probe block sums of the d_i. When ``max_hvps ≥ dim`` the diagonal is computed
 exactly as diag(H·I) with dim HVPs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,12 +105,19 @@ from .diagonal import CoordinateMoments, diagonal_result, exact_diagonal
 from .hutchinson import block_results
 from .probes import gaussian, rademacher
 
-
 ERROR_BARS = ("jackknife", "exchangeable")
 
 
-def xtrace(op, *, max_hvps: int | None = None, rtol: float | None = None, min_probes: int = 8,
-           error_bar: str = "jackknife", seed: int | None = 0, keep_samples: bool = True) -> TraceResult:
+def xtrace(
+    op,
+    *,
+    max_hvps: int | None = None,
+    rtol: float | None = None,
+    min_probes: int = 8,
+    error_bar: str = "jackknife",
+    seed: int | None = 0,
+    keep_samples: bool = True,
+) -> TraceResult:
     """Estimate tr(H) by XTrace; see the module docstring.
 
     Fixed budget (``rtol`` None): s = ⌊max_hvps/2⌋ probes, 2s HVPs (max_hvps default 100).
@@ -134,8 +142,9 @@ def xtrace(op, *, max_hvps: int | None = None, rtol: float | None = None, min_pr
     return _grow_until(sketch, rtol, min(s, H.dim), min_probes, error_bar, seed, keep_samples)
 
 
-def _grow_until(sketch: "XTraceSketch", rtol: float, most: int, min_probes: int, error_bar: str, seed,
-                keep_samples: bool) -> TraceResult:
+def _grow_until(
+    sketch: XTraceSketch, rtol: float, most: int, min_probes: int, error_bar: str, seed, keep_samples: bool
+) -> TraceResult:
     """The adaptive loop: stages of probes until the half-width meets rtol or ``most`` probes."""
     history = []  # (probes, stderr) after each stage
     sketch.grow(min(min_probes, most))
@@ -144,7 +153,9 @@ def _grow_until(sketch: "XTraceSketch", rtol: float, most: int, min_probes: int,
         target = rtol * abs(estimate)
         done = Z95 * stderr <= target
         if done or sketch.probes >= most:
-            return sketch.result(seed, error_bar=error_bar, keep_samples=keep_samples, rtol=rtol, converged=done)
+            return sketch.result(
+                seed, error_bar=error_bar, keep_samples=keep_samples, rtol=rtol, converged=done
+            )
         history.append((sketch.probes, stderr))
         sketch.grow(_next_stage(history, target / Z95, most))
 
@@ -192,7 +203,8 @@ class XTraceSketch:
 
     def parts(self) -> torch.Tensor:
         """(dim, s): column i holds the per-coordinate parts of estimate_i (they sum to it):
-        diag(Q_(i)Q_(i)ᵀH) + (dim − s + 1)·u_i ⊙ Hu_i / ‖u_i‖² (module docstring)."""
+        diag(Q_(i)Q_(i)ᵀH) + (dim − s + 1)·u_i ⊙ Hu_i / ‖u_i‖² (module docstring).
+        """
         n, s, Q, Z = self.H.dim, self.probes, self.Q, self.Z
         S = _leave_one_out_directions(self.R)  # column i: unit s_i ⟂ r_j (j ≠ i)
         W = Q.T @ self.Omega
@@ -231,8 +243,14 @@ class XTraceSketch:
         d = torch.diagonal
         cc = (W * W).sum(0)[None, :] - alpha**2 - beta**2  # ‖c‖² = ‖w_i‖² − ‖P_ij w_i‖²
         rc = d(Rm.T @ W)[None, :] - p * SR - q * d(SR)[None, :]  # r_iᵀc
-        cMc = (d(W.T @ M @ W)[None, :] - 2 * p * SMW - 2 * q * d(SMW)[None, :]
-               + p**2 * d(SMS)[:, None] + 2 * p * q * SMS.T + q**2 * d(SMS)[None, :])
+        cMc = (
+            d(W.T @ M @ W)[None, :]
+            - 2 * p * SMW
+            - 2 * q * d(SMW)[None, :]
+            + p**2 * d(SMS)[:, None]
+            + 2 * p * q * SMS.T
+            + q**2 * d(SMS)[None, :]
+        )
         uHu = (self.Omega * self.Y).sum(0)[None, :] - 2 * rc + cMc
         uu = ((self.Omega * self.Omega).sum(0)[None, :] - cc).clamp_min(torch.finfo(torch.float64).tiny)
         trPM = d(SMS)[:, None] + (d(SMS)[None, :] - 2 * gamma * SMS + gamma**2 * d(SMS)[:, None]) / rho**2
@@ -253,8 +271,15 @@ class XTraceSketch:
         s = leave_out.numel()
         return math.sqrt((s - 1) / s * float(((leave_out - leave_out.mean()) ** 2).sum()))
 
-    def result(self, seed, *, error_bar: str = "jackknife", keep_samples: bool = True, rtol=None,
-               converged: bool = True) -> TraceResult:
+    def result(
+        self,
+        seed,
+        *,
+        error_bar: str = "jackknife",
+        keep_samples: bool = True,
+        rtol=None,
+        converged: bool = True,
+    ) -> TraceResult:
         """The TraceResult of the current sketch (blocks from the per-coordinate parts)."""
         parts = self.parts()
         samples = parts.sum(0)
@@ -262,11 +287,22 @@ class XTraceSketch:
         _, stderr = self.estimate_and_stderr(error_bar)
         inflation = stderr / raw if raw > 0 else 1.0
         names, index = block_index(self.H.blocks, self.H.dim, device=self.H.device)
-        blocks = block_results(self.H.blocks, block_sums(parts, index, len(names))) if names is not None else ()
+        blocks = (
+            block_results(self.H.blocks, block_sums(parts, index, len(names))) if names is not None else ()
+        )
         blocks = tuple(dataclasses.replace(b, stderr=inflation * b.stderr) for b in blocks)
-        return TraceResult(estimate=estimate, stderr=stderr, hvps=self.H.hvps, method="xtrace", seed=seed,
-                           n_probes=self.probes, rtol=rtol, converged=converged, blocks=blocks,
-                           samples=tuple(samples.tolist()) if keep_samples else ())
+        return TraceResult(
+            estimate=estimate,
+            stderr=stderr,
+            hvps=self.H.hvps,
+            method="xtrace",
+            seed=seed,
+            n_probes=self.probes,
+            rtol=rtol,
+            converged=converged,
+            blocks=blocks,
+            samples=tuple(samples.tolist()) if keep_samples else (),
+        )
 
 
 def _exact_trace(H: CountingOperator, seed, method: str = "xtrace", rtol=None) -> TraceResult:
@@ -283,7 +319,8 @@ def _exact_trace(H: CountingOperator, seed, method: str = "xtrace", rtol=None) -
 
 def xdiag(op, *, max_hvps: int = 100, seed: int | None = 0, block_size: int = 16) -> DiagonalResult:
     """Estimate diag(H) by XDiag with s = ⌊max_hvps/2⌋ Rademacher probes (2s HVPs); see the module
-    docstring. ``block_size`` bounds the memory of the per-probe estimates (columns at a time)."""
+    docstring. ``block_size`` bounds the memory of the per-probe estimates (columns at a time).
+    """
     check_integer("max_hvps", max_hvps, 4)
     check_integer("block_size", block_size)
     H = CountingOperator(op)
@@ -312,7 +349,8 @@ def _leave_one_out_directions(R: torch.Tensor) -> torch.Tensor:
     """Columns of R⁻ᵀ normalised to unit length: s_i is orthogonal to every column r_j, j ≠ i.
 
     Exactly zero pivots (H = 0, or exactly dependent columns of Y) are lifted to a tiny value so
-    that the solve stays finite; the leave-one-out spaces then still contain range(Y)."""
+    that the solve stays finite; the leave-one-out spaces then still contain range(Y).
+    """
     s = R.shape[0]
     diag = torch.diagonal(R)
     largest = float(R.abs().max())

@@ -14,16 +14,17 @@ keeps the variance estimate itself from being too noisy.
 Per-block traces use the same probes: tr(H_bb) ≈ mean of Σ_{i∈b} z_i (Hz)_i, and the block
 samples of each probe sum to its total sample, so the block estimates sum to the total.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..results import Z95, BlockTrace, TraceResult
 from ..checks import check_integer
+from ..results import Z95, BlockTrace, TraceResult
 from ..seeding import seeded_generator
 from ..stats import mean_and_stderr
 from .common import CountingOperator, block_index, block_sums, check_rtol
@@ -109,10 +110,19 @@ def hutchinson(
     return trace_result(drawn, H, "hutchinson", seed, rtol, keep_samples)
 
 
-def trace_result(drawn: QuadraticFormSamples, H: CountingOperator, method: str, seed, rtol, keep_samples: bool,
-                 exact: float = 0.0, exact_blocks: torch.Tensor | None = None) -> TraceResult:
+def trace_result(
+    drawn: QuadraticFormSamples,
+    H: CountingOperator,
+    method: str,
+    seed,
+    rtol,
+    keep_samples: bool,
+    exact: float = 0.0,
+    exact_blocks: torch.Tensor | None = None,
+) -> TraceResult:
     """The TraceResult of an exactly known part (``exact``, per block ``exact_blocks``) plus the
-    mean of the sampled quadratic forms, with the samples' standard error."""
+    mean of the sampled quadratic forms, with the samples' standard error.
+    """
     mean, stderr = mean_and_stderr(drawn.totals)
     return TraceResult(
         estimate=exact + mean,
@@ -135,7 +145,9 @@ def block_results(blocks, block_samples: torch.Tensor | None, exact: torch.Tenso
     out = []
     for number, (block, row) in enumerate(zip(blocks, block_samples)):
         mean, stderr = mean_and_stderr(row)
-        out.append(BlockTrace(block.name, mean + (float(exact[number]) if exact is not None else 0.0), stderr))
+        out.append(
+            BlockTrace(block.name, mean + (float(exact[number]) if exact is not None else 0.0), stderr)
+        )
     return tuple(out)
 
 
@@ -144,9 +156,12 @@ def _within(samples: torch.Tensor, rtol: float, offset: float) -> bool:
     return Z95 * stderr <= rtol * abs(offset + mean)
 
 
-def _next_block(totals, drawn: int, budget: int, min_probes: int, block_size: int, rtol, offset: float) -> int:
+def _next_block(
+    totals, drawn: int, budget: int, min_probes: int, block_size: int, rtol, offset: float
+) -> int:
     """Size of the next probe block: enough to reach min_probes, then (with rtol) the number the
-    current variance says is still needed, clipped to [block_size, 4·drawn] and the budget."""
+    current variance says is still needed, clipped to [block_size, 4·drawn] and the budget.
+    """
     remaining = budget - drawn
     if drawn < min_probes:
         return min(max(min_probes - drawn, block_size), remaining)

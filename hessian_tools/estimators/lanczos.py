@@ -28,6 +28,7 @@ Gauss quadrature (Golub & Meurant): with T_k = U diag(θ) Uᵀ, for unit v_1
 
 exact for polynomials f of degree ≤ 2m − 1, and exact for every f once the process is exhausted.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -62,7 +63,9 @@ class BatchedLanczos:
     :func:`lanczos_tridiagonal` simply steps until no process is active.
     """
 
-    def __init__(self, H, V0: torch.Tensor, steps: int, *, reorthogonalize: bool = True, breakdown_tol: float = 1e-10):
+    def __init__(
+        self, H, V0: torch.Tensor, steps: int, *, reorthogonalize: bool = True, breakdown_tol: float = 1e-10
+    ):
         self.H = H if isinstance(H, CountingOperator) else CountingOperator(H)
         check_integer("steps", steps)
         if not isinstance(V0, torch.Tensor) or V0.ndim != 2 or V0.shape[0] != self.H.dim:
@@ -148,7 +151,10 @@ class BatchedLanczos:
     def result(self) -> Tridiagonal:
         m = max(int(self.lengths.max()), 1)
         return Tridiagonal(
-            self.alphas[:, :m].clone(), self.betas[:, : m - 1].clone(), self.lengths.clone(), self.exhausted.clone()
+            self.alphas[:, :m].clone(),
+            self.betas[:, : m - 1].clone(),
+            self.lengths.clone(),
+            self.exhausted.clone(),
         )
 
 
@@ -184,7 +190,9 @@ def gauss_quadrature(
     if single:
         alphas, betas = alphas[None], betas[None]
     if alphas.ndim != 2 or betas.ndim != 2 or betas.shape != (alphas.shape[0], max(alphas.shape[1] - 1, 0)):
-        raise ValueError(f"expected alphas (K, m) and betas (K, m−1), got {tuple(alphas.shape)} and {tuple(betas.shape)}")
+        raise ValueError(
+            f"expected alphas (K, m) and betas (K, m−1), got {tuple(alphas.shape)} and {tuple(betas.shape)}"
+        )
     K, m = alphas.shape
     if lengths is None:
         lengths = [m] * K

@@ -14,12 +14,13 @@ no variance. The estimate is unbiased for any Q.
 Per-block traces: diag(H) = diag(QQᵀH) + diag((I−QQᵀ)H); the first is Σ_l Q_il (HQ)_il exactly,
 and E[w_i (Hw)_i] = ((I−QQᵀ)H)_ii for w = (I−QQᵀ)z, so the block estimates sum to the total.
 """
+
 from __future__ import annotations
 
 import torch
 
-from ..results import TraceResult
 from ..checks import check_integer
+from ..results import TraceResult
 from ..seeding import seeded_generator
 from .common import CountingOperator, block_index, block_sums, check_rtol
 from .hutchinson import block_results, sample_quadratic_forms, trace_result
@@ -51,7 +52,9 @@ def hutchpp(
     check_integer("sketch", sketch)
     sketch = min(sketch, H.dim)
     if 2 * sketch + 2 > max_hvps and sketch < H.dim:
-        raise ValueError(f"max_hvps={max_hvps} leaves no residual probes after a sketch of {sketch} (needs 2·sketch + 2)")
+        raise ValueError(
+            f"max_hvps={max_hvps} leaves no residual probes after a sketch of {sketch} (needs 2·sketch + 2)"
+        )
     generator, seed = seeded_generator(seed)
     S = rademacher(H.dim, sketch, generator)
     Q, _ = torch.linalg.qr(H.matmat(S))
@@ -61,14 +64,31 @@ def hutchpp(
     names, index = block_index(H.blocks, H.dim)
     exact_blocks = block_sums(exact_diag, index, len(names))[:, 0] if names is not None else None
     if sketch >= H.dim:  # Q spans everything: the trace is exact
-        return TraceResult(exact, 0.0, H.hvps, "hutchpp", seed, 0, rtol, True,
-                           block_results(H.blocks, torch.zeros(len(names), 2, dtype=torch.float64), exact_blocks) if names else ())
+        return TraceResult(
+            exact,
+            0.0,
+            H.hvps,
+            "hutchpp",
+            seed,
+            0,
+            rtol,
+            True,
+            block_results(H.blocks, torch.zeros(len(names), 2, dtype=torch.float64), exact_blocks)
+            if names
+            else (),
+        )
 
     def project(Z: torch.Tensor) -> torch.Tensor:
         return Z - Q @ (Q.T @ Z)
 
     drawn = sample_quadratic_forms(
-        H, generator, max_hvps - H.hvps, rtol=rtol, min_probes=min_probes,
-        block_size=block_size, offset=exact, project=project,
+        H,
+        generator,
+        max_hvps - H.hvps,
+        rtol=rtol,
+        min_probes=min_probes,
+        block_size=block_size,
+        offset=exact,
+        project=project,
     )
     return trace_result(drawn, H, "hutchpp", seed, rtol, keep_samples, exact, exact_blocks)

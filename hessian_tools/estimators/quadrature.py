@@ -25,16 +25,17 @@ tensor of nodes to a tensor of the same shape.
 :func:`quadratic_forms` runs K vectors' Lanczos processes at once (ONE HVP block per step, see
 :mod:`.lanczos`); each stops on its own criterion and spends no HVPs afterwards.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from ..checks import check_integer, check_nonnegative
 from ..operators.adapters import as_operator
 from ..results import QuadratureResult
-from ..checks import check_integer, check_nonnegative
 from .common import CountingOperator
 from .lanczos import BatchedLanczos, gauss_quadrature
 
@@ -59,7 +60,9 @@ def quadratic_form(op, v: torch.Tensor, f="relu", steps: int = 50, tol: float = 
     return quadratic_forms(op, v[:, None], f=f, steps=steps, tol=tol)[0]
 
 
-def quadratic_forms(op, V: torch.Tensor, f="relu", steps: int = 50, tol: float = 1e-8) -> list[QuadratureResult]:
+def quadratic_forms(
+    op, V: torch.Tensor, f="relu", steps: int = 50, tol: float = 1e-8
+) -> list[QuadratureResult]:
     """vₖᵀ f(H) vₖ for every column vₖ of V (dim, K), all K Lanczos processes batched.
 
     Each result's ``hvps`` is the HVPs spent on its own vector (= its ``steps``); a zero column
@@ -114,7 +117,8 @@ def quadratic_forms(op, V: torch.Tensor, f="relu", steps: int = 50, tol: float =
 
 def _gauss_rule(state: BatchedLanczos, fn, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e_1ᵀ f(T) e_1 for the processes in ``rows`` (others: nan), and whether their Ritz values
-    lie on both sides of 0."""
+    lie on both sides of 0.
+    """
     out = torch.full((state.K,), math.nan, dtype=torch.float64, device=state.alphas.device)
     straddles = torch.zeros(state.K, dtype=torch.bool, device=out.device)
     idx = rows.nonzero().squeeze(1)
@@ -124,7 +128,9 @@ def _gauss_rule(state: BatchedLanczos, fn, rows: torch.Tensor) -> tuple[torch.Te
     nodes, weights = gauss_quadrature(state.alphas[idx, :m], state.betas[idx, : m - 1], state.lengths[idx])
     values = torch.as_tensor(fn(nodes), dtype=torch.float64, device=nodes.device)
     if values.shape != nodes.shape:
-        raise ValueError(f"f must map a tensor of nodes to a tensor of the same shape, got {tuple(values.shape)} for {tuple(nodes.shape)}")
+        raise ValueError(
+            f"f must map a tensor of nodes to a tensor of the same shape, got {tuple(values.shape)} for {tuple(nodes.shape)}"
+        )
     out[idx] = (weights * values).sum(1).to(out.device)
     real = weights > 0  # padding nodes have weight 0
     below = ((nodes < 0) & real).any(1)
@@ -136,7 +142,9 @@ def _gauss_rule(state: BatchedLanczos, fn, rows: torch.Tensor) -> tuple[torch.Te
 def _function(f) -> tuple[Callable, str]:
     if isinstance(f, str):
         if f not in FUNCTIONS:
-            raise ValueError(f"unknown function {f!r}; choose one of {', '.join(FUNCTIONS)} or pass a callable")
+            raise ValueError(
+                f"unknown function {f!r}; choose one of {', '.join(FUNCTIONS)} or pass a callable"
+            )
         return FUNCTIONS[f], f
     if callable(f):
         return f, getattr(f, "__name__", type(f).__name__)

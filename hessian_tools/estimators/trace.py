@@ -11,6 +11,7 @@
 ``control_variate="ggn"`` (or a GGN/Fisher operator): tr(H) = tr(G) + tr(H − G), the Gauss–Newton
 trace exact and Hutchinson on the residual only (:mod:`.control_variate`).
 """
+
 from __future__ import annotations
 
 from ..results import TraceResult
@@ -22,8 +23,15 @@ METHODS = ("xtrace", "hutchpp", "hutchinson")
 DEFAULT_METHOD = "xtrace"
 
 
-def trace(op, method: str | None = None, rtol: float | None = None, max_hvps: int | None = None, seed: int | None = 0,
-          control_variate=None, **options) -> TraceResult:
+def trace(
+    op,
+    method: str | None = None,
+    rtol: float | None = None,
+    max_hvps: int | None = None,
+    seed: int | None = 0,
+    control_variate=None,
+    **options,
+) -> TraceResult:
     """Estimate tr(H) of any operator (``dim`` + ``matmat``).
 
     ``method``: one of ``METHODS`` (default ``DEFAULT_METHOD``, adaptive XTrace; ``"hutchinson"`` with a control variate).
@@ -55,7 +63,9 @@ def _control_variate_trace(op, method, rtol, max_hvps, seed, control_variate, op
     from .control_variate import control_variate_trace
 
     if method not in (None, "hutchinson"):
-        raise ValueError(f"the control variate runs Hutchinson on H − G; method={method!r} is not supported with it")
+        raise ValueError(
+            f"the control variate runs Hutchinson on H − G; method={method!r} is not supported with it"
+        )
     ggn = None if isinstance(control_variate, str) and control_variate == "ggn" else control_variate
     if isinstance(ggn, str):
         raise ValueError(f"unknown control variate {control_variate!r}; use 'ggn' or a GGN/Fisher operator")

@@ -7,6 +7,7 @@ data pass of the full operator instead of K passes of K per-layer operators. Lan
 such a column stays in its block, so batched Lanczos over these columns runs K independent
 per-layer processes (used for the per-layer quadratic forms v_iᵀ f(H_ii) v_i).
 """
+
 from __future__ import annotations
 
 import torch

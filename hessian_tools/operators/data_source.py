@@ -71,7 +71,9 @@ class BatchSource:
             ) from None
         self.data = data
         self.allow_empty = allow_empty
-        self.max_batch_size = None if max_batch_size is None else check_integer("max_batch_size", max_batch_size)
+        self.max_batch_size = (
+            None if max_batch_size is None else check_integer("max_batch_size", max_batch_size)
+        )
         self._total: int | None = None
         self._num_batches: int | None = None
 
@@ -123,7 +125,11 @@ def unpack_batch(batch: Any, index: int) -> tuple[Any, Any]:
         return {k: v for k, v in batch.items() if k != key}, batch[key]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    shown = f"a {len(batch)}-element {type(batch).__name__}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    shown = (
+        f"a {len(batch)}-element {type(batch).__name__}"
+        if isinstance(batch, (tuple, list))
+        else type(batch).__name__
+    )
     raise DataError(
         f"batch {index} is {shown}, not an (inputs, targets) pair; several input tensors go in a tuple: "
         "((x1, x2), y)"

@@ -42,11 +42,13 @@ world_size and by the local batch count: ranks and batches are weighted equally,
 only for equal shards of equal batches, and ranks with different batch counts issue different
 numbers of collectives (a mismatch/hang).
 """
+
 from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,8 +57,12 @@ from ..errors import DataError, HessianToolsError
 from .hessian import HessianOperator
 
 __all__ = [
-    "PeerError", "ProcessGroupReducer", "distributed_hessian_operator", "init_from_env",
-    "is_main_process", "shard",
+    "PeerError",
+    "ProcessGroupReducer",
+    "distributed_hessian_operator",
+    "init_from_env",
+    "is_main_process",
+    "shard",
 ]
 
 
@@ -121,10 +127,14 @@ class ProcessGroupReducer:
         return int(self._all_reduce(buffer)[0])
 
     def __repr__(self) -> str:
-        return f"ProcessGroupReducer(backend={self.backend!r}, rank={self.rank}, world_size={self.world_size})"
+        return (
+            f"ProcessGroupReducer(backend={self.backend!r}, rank={self.rank}, world_size={self.world_size})"
+        )
 
 
-def distributed_hessian_operator(model, loss_fn, data, params=None, *, group=None, **kwargs) -> HessianOperator:
+def distributed_hessian_operator(
+    model, loss_fn, data, params=None, *, group=None, **kwargs
+) -> HessianOperator:
     """A :class:`HessianOperator` over this rank's shard ``data`` whose products are summed over
     all ranks of ``group`` (the data-parallel Hessian of the mean loss over the union of shards).
 
@@ -143,17 +153,24 @@ def distributed_hessian_operator(model, loss_fn, data, params=None, *, group=Non
         error = exc
     # One MAX all_reduce of [failed, dim, -dim]: anyone failed? all dims equal?
     dim = op.dim if op is not None else 0
-    flags = torch.tensor([int(error is not None), dim, -dim], dtype=torch.int64,
-                         device=reducer._comm_device(torch.device("cpu")))
+    flags = torch.tensor(
+        [int(error is not None), dim, -dim],
+        dtype=torch.int64,
+        device=reducer._comm_device(torch.device("cpu")),
+    )
     reducer._all_reduce(flags, op=dist.ReduceOp.MAX)
     failed, max_dim, min_dim = int(flags[0]), int(flags[1]), -int(flags[2])
     if error is not None:
         raise error
     if failed:
-        raise PeerError(f"rank {reducer.rank}: another rank failed to build its Hessian operator (see its error)")
+        raise PeerError(
+            f"rank {reducer.rank}: another rank failed to build its Hessian operator (see its error)"
+        )
     if max_dim != min_dim:
-        raise PeerError(f"rank {reducer.rank}: the ranks select different numbers of parameters "
-                        f"({min_dim} to {max_dim}); every rank must load the same model and params")
+        raise PeerError(
+            f"rank {reducer.rank}: the ranks select different numbers of parameters "
+            f"({min_dim} to {max_dim}); every rank must load the same model and params"
+        )
     return op
 
 
@@ -185,8 +202,14 @@ def shard(data: Any, rank: int, world_size: int):
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
-    if (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
-            and data[0].ndim > 0 and data[1].ndim > 0 and data[0].shape[0] == data[1].shape[0]):
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+        and data[0].ndim > 0
+        and data[1].ndim > 0
+        and data[0].shape[0] == data[1].shape[0]
+    ):
         X, y = data
         piece = torch.tensor_split(torch.arange(X.shape[0]), world_size)[rank]
         return [(X[piece], y[piece])] if piece.numel() else []
@@ -197,18 +220,25 @@ def shard(data: Any, rank: int, world_size: int):
     try:
         iter(data)
     except TypeError:
-        raise DataError(f"data must be an (X, y) pair or an iterable of (inputs, targets) batches, got {type(data).__name__}") from None
+        raise DataError(
+            f"data must be an (X, y) pair or an iterable of (inputs, targets) batches, got {type(data).__name__}"
+        ) from None
     return _RoundRobin(data, rank, world_size)
 
 
-def init_from_env(device: str | torch.device | None = None, *, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+def init_from_env(
+    device: str | torch.device | None = None, *, timeout_s: float | None = None
+) -> tuple[int, int, torch.device]:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT): nccl when ``device`` is CUDA (``cuda`` alone becomes
     ``cuda:LOCAL_RANK``, made current), gloo otherwise. ``device=None`` means CUDA if available.
-    Returns ``(rank, world_size, device)``; a no-op apart from that if already initialised."""
+    Returns ``(rank, world_size, device)``; a no-op apart from that if already initialised.
+    """
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing and not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"distributed mode needs torchrun (or these environment variables): {', '.join(missing)} not set")
+        raise RuntimeError(
+            f"distributed mode needs torchrun (or these environment variables): {', '.join(missing)} not set"
+        )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

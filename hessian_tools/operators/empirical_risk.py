@@ -38,7 +38,8 @@ MODES = ("eval", "train")
 
 def model_output(outputs: Any) -> torch.Tensor:
     """The tensor a loss is computed on: ``outputs`` itself, ``outputs["logits"]``, ``outputs.logits``
-    or ``outputs[0]`` (the first item of a tuple), in that order of preference."""
+    or ``outputs[0]`` (the first item of a tuple), in that order of preference.
+    """
     if isinstance(outputs, torch.Tensor):
         return outputs
     if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
@@ -65,7 +66,8 @@ def call_model(model: Callable, inputs: Any) -> Any:
 
 def functional_model_call(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: Any) -> Any:
     """:func:`torch.func.functional_call` of ``model`` with parameters/buffers ``state``, the inputs
-    passed as :func:`call_model` would pass them."""
+    passed as :func:`call_model` would pass them.
+    """
     if isinstance(inputs, Mapping):
         return functional_call(model, state, (), dict(inputs), strict=False)
     if isinstance(inputs, (tuple, list)):
@@ -76,7 +78,9 @@ def functional_model_call(model: nn.Module, state: Mapping[str, torch.Tensor], i
 def check_finite(value: torch.Tensor, index: int, what: str) -> None:
     """One-line :class:`NonFiniteError` naming the batch when ``value`` has a NaN or an infinity."""
     if not bool(torch.isfinite(value).all()):
-        raise NonFiniteError(f"non-finite {what} on batch {index}: check the data, the loss and the checkpoint")
+        raise NonFiniteError(
+            f"non-finite {what} on batch {index}: check the data, the loss and the checkpoint"
+        )
 
 
 class EmpiricalRisk:
@@ -136,7 +140,10 @@ class EmpiricalRisk:
     # ------------------------------------------------------------------ parameters and state
     def parameter_values(self) -> dict[str, torch.Tensor]:
         """The selected parameters, detached, on the computation device and dtype."""
-        return {n: p.detach().to(device=self.device, dtype=self.dtype) for n, p in zip(self.param_names, self.params)}
+        return {
+            n: p.detach().to(device=self.device, dtype=self.dtype)
+            for n, p in zip(self.param_names, self.params)
+        }
 
     def flat_parameters(self) -> torch.Tensor:
         """The selected parameters as one flat vector (the order of every operator's rows)."""
@@ -144,7 +151,8 @@ class EmpiricalRisk:
 
     def fixed_state(self) -> dict[str, torch.Tensor]:
         """Every parameter NOT selected and every buffer, as ``functional_call`` expects them; copies
-        in train mode (BatchNorm updates its running statistics in place)."""
+        in train mode (BatchNorm updates its running statistics in place).
+        """
         return frozen_state(self.model, self.param_names, self.input_dtype, copy=self.mode == "train")
 
     def computation_mode(self):
@@ -157,7 +165,9 @@ class EmpiricalRisk:
         for index, inputs, targets, n in self.source:
             yield index, move_to(inputs, self.device, self.input_dtype), move_to(targets, self.device), n
 
-    def batch_loss(self, params: Mapping[str, torch.Tensor], fixed: Mapping[str, torch.Tensor], inputs, targets):
+    def batch_loss(
+        self, params: Mapping[str, torch.Tensor], fixed: Mapping[str, torch.Tensor], inputs, targets
+    ):
         """ℓ_b at ``params`` (a pure function of them, for torch.func transforms): a scalar tensor."""
         outputs = model_output(functional_model_call(self.model, {**fixed, **params}, inputs))
         return self.scalar_loss(outputs, targets)
@@ -178,7 +188,8 @@ class EmpiricalRisk:
         self, per_batch: Callable[[int, Any, torch.Tensor], torch.Tensor], zero: torch.Tensor, what: str
     ) -> tuple[torch.Tensor, int]:
         """(Σ_b n_b · per_batch(b) in float64, Σ_b n_b) over the data; ``zero`` fixes the shape (and is
-        returned for data without a sample). Every batch value is checked to be finite."""
+        returned for data without a sample). Every batch value is checked to be finite.
+        """
         total = zero.to(device=self.device, dtype=torch.float64).clone()
         count = 0
         for index, inputs, targets, n in self.batches():

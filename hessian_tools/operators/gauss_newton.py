@@ -60,7 +60,8 @@ class UnsupportedLossError(HessianToolsError, ValueError):
 
 def loss_name(loss_fn) -> str:
     """``"cross_entropy"`` or ``"mse"`` for the batch-mean losses these operators support, else a
-    one-line :class:`UnsupportedLossError`."""
+    one-line :class:`UnsupportedLossError`.
+    """
     if isinstance(loss_fn, str) and loss_fn in LOSSES:
         return loss_fn
     for name, function in LOSSES.items():
@@ -96,7 +97,8 @@ def flat_outputs(z: torch.Tensor, loss: str) -> torch.Tensor:
 
 def loss_gradient(z: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
     """r_n = ∇_z ℓ(z_n, y_n) for every sample, (n, C): p − onehot(y) (or p − y for probability
-    targets) for cross-entropy, (2/C)(z − y) for MSE."""
+    targets) for cross-entropy, (2/C)(z − y) for MSE.
+    """
     if loss == "mse":
         return 2.0 * (z - targets.reshape(z.shape).to(z.dtype)) / z.shape[1]
     probs = torch.softmax(z, dim=1)
@@ -107,7 +109,8 @@ def loss_gradient(z: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Te
 
 def ggn_factors(z: torch.Tensor, loss: str) -> torch.Tensor:
     """(n, C, C) factors a with Σ_r a_r a_rᵀ = Λ_n = ∇²_z ℓ: rows √p_c (e_c − p) for cross-entropy
-    (Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − ppᵀ), √(2/C)·I for MSE."""
+    (Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − ppᵀ), √(2/C)·I for MSE.
+    """
     n, C = z.shape
     eye = torch.eye(C, dtype=z.dtype, device=z.device).expand(n, C, C)
     if loss == "mse":
@@ -120,7 +123,8 @@ def sampled_gradient_factors(
     z: torch.Tensor, loss: str, samples: int, generator: torch.Generator
 ) -> torch.Tensor:
     """(n, M, C) rows r̃_m/√M, r̃_m = ∇_z ℓ(z, ỹ_m) for labels ỹ_m drawn from the model's predictive
-    distribution (categorical softmax(z); Gaussian N(z, (C/2)·I) for MSE)."""
+    distribution (categorical softmax(z); Gaussian N(z, (C/2)·I) for MSE).
+    """
     n, C = z.shape
     if loss == "mse":
         noise = torch.randn(n, samples, C, generator=generator, dtype=torch.float64).to(z)
@@ -147,7 +151,8 @@ def add_batch_dim(inputs: Any) -> Any:
 class OutputCurvatureOperator(LinearOperator):
     """A = (1/N) Σ_n J_nᵀ M_n J_n for output factors of M_n given by :meth:`output_factors` (see the
     module docstring). Parameters as for
-    :class:`~hessian_tools.operators.hessian.HessianOperator` (``mode`` must be ``"eval"``)."""
+    :class:`~hessian_tools.operators.hessian.HessianOperator` (``mode`` must be ``"eval"``).
+    """
 
     def __init__(
         self,
@@ -178,7 +183,8 @@ class OutputCurvatureOperator(LinearOperator):
     @classmethod
     def from_risk(cls, risk: EmpiricalRisk, chunk_size: int | None = DEFAULT_CHUNK, **options):
         """The operator over an existing data loop (e.g. a HessianOperator's ``risk``): same model,
-        loss, data, parameters, dtype and device."""
+        loss, data, parameters, dtype and device.
+        """
         op = cls.__new__(cls)
         op._configure(**options)
         op._attach(risk, chunk_size)
@@ -236,7 +242,8 @@ class OutputCurvatureOperator(LinearOperator):
 
     def _push_forward(self, outputs_of, params, pullback, z, cols) -> torch.Tensor:
         """(K, *z.shape): J·v for every column, by forward mode (``jvp``); for a model without
-        forward-mode rules, by the transpose of the pull-back (J v = ∂/∂u ⟨Jᵀu, v⟩, reverse over reverse)."""
+        forward-mode rules, by the transpose of the pull-back (J v = ∂/∂u ⟨Jᵀu, v⟩, reverse over reverse).
+        """
         names = self.param_names
         if self.push_strategy == "jvp":
             try:
@@ -264,7 +271,8 @@ class OutputCurvatureOperator(LinearOperator):
     # ------------------------------------------------------------------ exact trace
     def exact_trace(self, sample_chunk: int = 16) -> tuple[torch.Tensor, int]:
         """(per-block traces tr(A_bb) in float64, R): tr(A) = (1/N) Σ_n Σ_r ‖J_nᵀ a_nr‖², by R
-        per-sample vector-Jacobian products per sample (``sample_chunk`` samples vmapped at once)."""
+        per-sample vector-Jacobian products per sample (``sample_chunk`` samples vmapped at once).
+        """
         check_integer("sample_chunk", sample_chunk)
         zero = torch.zeros(len(self.blocks), dtype=torch.float64)
         rows = [0]

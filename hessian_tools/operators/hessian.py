@@ -77,8 +77,15 @@ class HessianOperator(LinearOperator):
         check_choice("backend", backend, BACKENDS)
         self.chunk_size = None if chunk_size is None else check_integer("chunk_size", chunk_size)
         self.risk = EmpiricalRisk(
-            model, loss_fn, data, params, mode=mode, dtype=dtype, device=device,
-            allow_empty=reducer is not None, max_batch_size=max_batch_size,
+            model,
+            loss_fn,
+            data,
+            params,
+            mode=mode,
+            dtype=dtype,
+            device=device,
+            allow_empty=reducer is not None,
+            max_batch_size=max_batch_size,
         )
         self.reducer = reducer
         self.dim, self.dtype, self.device = self.risk.dim, self.risk.dtype, self.risk.device
@@ -139,9 +146,13 @@ class HessianOperator(LinearOperator):
             params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
             if use_autograd:
                 model = self._autograd_model()
-                product = lambda index, inputs, targets: self._batch_hvp_autograd(model, inputs, targets, V, index)
+                product = lambda index, inputs, targets: self._batch_hvp_autograd(
+                    model, inputs, targets, V, index
+                )
             else:
-                product = lambda index, inputs, targets: self._batch_hvp_func(params, fixed, inputs, targets, V, index)
+                product = lambda index, inputs, targets: self._batch_hvp_func(
+                    params, fixed, inputs, targets, V, index
+                )
             total, count = self.risk.weighted_sum(product, zero, "Hessian-vector product")
         return self._mean(total, count)
 
@@ -206,7 +217,9 @@ class HessianOperator(LinearOperator):
             hv = vmap(hvp, chunk_size=self.chunk_size)(*cols)
         return torch.cat([h.reshape(K, -1) for h in hv], dim=1).T
 
-    def _batch_hvp_autograd(self, model: nn.Module, inputs, targets, V: torch.Tensor, index: int) -> torch.Tensor:
+    def _batch_hvp_autograd(
+        self, model: nn.Module, inputs, targets, V: torch.Tensor, index: int
+    ) -> torch.Tensor:
         selected = set(self.param_names)
         params = [p for n, p in model.named_parameters() if n in selected]  # model order = flat order
         with torch.enable_grad():
@@ -232,7 +245,8 @@ class HessianOperator(LinearOperator):
 
     def _autograd_model(self) -> nn.Module:
         """The model the autograd backend differentiates: the model itself, or a copy in the
-        computation dtype refreshed with the current weights and flags."""
+        computation dtype refreshed with the current weights and flags.
+        """
         if self.risk.input_dtype is None:
             return self.model
         if self._cast_model is None:
@@ -269,7 +283,8 @@ class HessianOperator(LinearOperator):
 
     def _select_func_strategy(self, params, fixed, inputs, targets, index: int) -> None:
         """Try torch.func forward-over-reverse on a random probe, then reverse-over-reverse (some
-        losses, e.g. mse_loss in torch 2.x, break forward-mode AD), then (auto only) autograd."""
+        losses, e.g. mse_loss in torch 2.x, break forward-mode AD), then (auto only) autograd.
+        """
         probe = torch.rand(self.dim, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5
         probe = probe.to(device=self.device, dtype=self.dtype)
         failure = None
@@ -285,5 +300,7 @@ class HessianOperator(LinearOperator):
                 failure = exc
         if self.backend == "func":
             first_line = str(failure).splitlines()[0][:160] if str(failure) else type(failure).__name__
-            raise TypeError(f"torch.func cannot differentiate this model twice ({first_line}); use backend='autograd'")
+            raise TypeError(
+                f"torch.func cannot differentiate this model twice ({first_line}); use backend='autograd'"
+            )
         self.backend = "autograd"

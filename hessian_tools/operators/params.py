@@ -4,12 +4,13 @@ A selection is a list of (name, tensor) pairs; the flat vector concatenates them
 Each :class:`ParameterBlock` records one tensor's slice of the flat vector, so per-layer results
 (block traces, per-layer bounds) can be read off any flat vector.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -82,9 +83,13 @@ def select_parameters(model: nn.Module, params=None) -> list[tuple[str, nn.Param
             ids = {id(p) for p in items}
             chosen = [(n, p) for n, p in named if id(p) in ids]
             if len(chosen) != len(ids):
-                raise ParameterSelectionError("some selected tensors are not trainable parameters of the model")
+                raise ParameterSelectionError(
+                    "some selected tensors are not trainable parameters of the model"
+                )
         else:
-            raise ParameterSelectionError("a parameter selection list must hold only names, modules or parameters")
+            raise ParameterSelectionError(
+                "a parameter selection list must hold only names, modules or parameters"
+            )
         if not chosen:
             raise ParameterSelectionError("the parameter selection matches no trainable parameter")
     else:
@@ -116,7 +121,9 @@ def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def frozen_state(model: nn.Module, selected, dtype: torch.dtype | None = None, copy: bool = False) -> dict[str, torch.Tensor]:
+def frozen_state(
+    model: nn.Module, selected, dtype: torch.dtype | None = None, copy: bool = False
+) -> dict[str, torch.Tensor]:
     """The parameters NOT in ``selected`` and all buffers, detached, as ``functional_call`` expects.
 
     Floating tensors are cast to ``dtype`` when given; ``copy=True`` clones them (in train mode
@@ -138,7 +145,8 @@ def frozen_state(model: nn.Module, selected, dtype: torch.dtype | None = None, c
 def computation_mode(model: nn.Module, mode: str):
     """Put ``model`` in eval (``mode="eval"``) or train mode for a computation; afterwards restore
     every module's training flag and, in train mode, every buffer (BatchNorm running statistics
-    move in train mode and must not leak into the caller's model)."""
+    move in train mode and must not leak into the caller's model).
+    """
     flags = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()] if mode == "train" else []
     model.train(mode == "train")

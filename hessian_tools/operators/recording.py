@@ -89,7 +89,8 @@ class MonitoredOperator(_Wrapper):
     multiplied so far, the rate in HVPs/s since the first call, and an estimate of the time until
     ``budget`` HVPs (None without a budget or a rate yet). ``done`` starts at ``offset`` (products
     already spent elsewhere, e.g. replayed from a log; they do not enter the rate). Reports come at
-    most every ``every`` seconds (and after the first product)."""
+    most every ``every`` seconds (and after the first product).
+    """
 
     def __init__(
         self,

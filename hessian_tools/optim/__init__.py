@@ -15,6 +15,7 @@ Every optimizer here wraps a base optimizer (``base_optimizer_cls``, default SGD
 works (it calls the closure once; there the closure must zero the grads itself, or the loop must
 call ``optimizer.zero_grad()`` before ``step``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,7 +28,16 @@ from .nso import NSO
 from .sam import ASAM, SAM
 from .wp import WeightPerturbation
 
-__all__ = ["NSO", "WeightPerturbation", "SAM", "ASAM", "PerturbedOptimizer", "make_optimizer", "METHODS", "BASES"]
+__all__ = [
+    "NSO",
+    "WeightPerturbation",
+    "SAM",
+    "ASAM",
+    "PerturbedOptimizer",
+    "make_optimizer",
+    "METHODS",
+    "BASES",
+]
 
 # The options each method accepts (anything else passed as not-None is an error); its keys are the
 # methods, in the order the command line lists them.
@@ -78,7 +88,9 @@ def make_optimizer(
     momentum = check_nonnegative("momentum", momentum)
 
     given = {"sigma": sigma, "k": k, "lam": lam, "two_sided": two_sided, "rho": rho}
-    unused = [name for name, value in given.items() if value is not None and name not in _METHOD_OPTIONS[method]]
+    unused = [
+        name for name, value in given.items() if value is not None and name not in _METHOD_OPTIONS[method]
+    ]
     if unused:
         raise ValueError(f"option(s) {', '.join(unused)} do not apply to method {method!r}")
     if sigma is not None:

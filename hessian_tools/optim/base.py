@@ -36,10 +36,12 @@ All noise is drawn with ``generator`` (a CPU :class:`torch.Generator`; a fresh o
 ``None``), never the global RNG, on the CPU, then moved to each parameter's device and dtype.
 The generator state is part of :meth:`state_dict`, so a resumed run continues the same stream.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -76,8 +78,12 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         method_defaults: dict[str, Any] | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
-            raise TypeError(f"base_optimizer_cls must be a torch.optim.Optimizer subclass, got {base_optimizer_cls!r}")
+        if not (
+            isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)
+        ):
+            raise TypeError(
+                f"base_optimizer_cls must be a torch.optim.Optimizer subclass, got {base_optimizer_cls!r}"
+            )
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         if generator is None:
@@ -86,7 +92,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         elif not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         elif generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator (noise is drawn on the CPU), got device {generator.device}")
+            raise ValueError(
+                f"generator must be a CPU torch.Generator (noise is drawn on the CPU), got device {generator.device}"
+            )
         self._method_defaults = dict(method_defaults or {})
         defaults = {**self._method_defaults, **base_kwargs}
         super().__init__(params, defaults)
@@ -133,7 +141,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         the mean loss over the perturbed evaluations (a detached tensor).
         """
         if closure is None:
-            raise ValueError(f"{type(self).__name__}.step needs a closure that runs forward + backward and returns the loss")
+            raise ValueError(
+                f"{type(self).__name__}.step needs a closure that runs forward + backward and returns the loss"
+            )
         params = self._params()
         loss, grads = self._estimate_gradient(closure, params)
         for p, g in zip(params, grads):

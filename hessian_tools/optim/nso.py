@@ -31,6 +31,7 @@ Cost per step: 2k closure calls (k one-sided), plus one at W when ``lam > 0`` *o
 at W is made only so that running statistics update at the unperturbed weights; its gradient is
 discarded (so a BatchNorm model costs 2k+1 forward/backward passes per step).
 """
+
 from __future__ import annotations
 
 import math

@@ -21,6 +21,7 @@ A zero gradient gives :math:`\epsilon = 0` (no division by zero, no NaN). Each s
 closure calls: at W (BatchNorm running statistics update here) and at W+ε (BatchNorm buffers of
 ``model`` restored afterwards). ``step`` returns the loss at W.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -60,7 +61,9 @@ class SAM(PerturbedOptimizer):
         rho: float = 0.05,
         **base_kwargs: Any,
     ) -> None:
-        self._init(params, base_optimizer_cls, model, generator, {"rho": check_positive("rho", rho)}, base_kwargs)
+        self._init(
+            params, base_optimizer_cls, model, generator, {"rho": check_positive("rho", rho)}, base_kwargs
+        )
 
     def _init(self, params, base_optimizer_cls, model, generator, method_defaults, base_kwargs) -> None:
         PerturbedOptimizer.__init__(

@@ -6,6 +6,7 @@ noisier estimate of the smoothed gradient than two-sided NSO (the first-order te
 :math:`\nabla^2 f(W)\,U_j` is not cancelled), and is exactly :class:`~hessian_tools.optim.NSO`
 with ``two_sided=False`` and ``lam=0`` — which is how it is implemented.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -37,6 +37,7 @@ Methods (full batch, step size ``lr``, fresh noise every step from a seeded ``to
 * ``nso``: U ← U − lr · (1/(2k)) Σ_j [∇f(U + E_j) + ∇f(U − E_j)] (two-sided noise stability
   optimisation; ``two_sided=False`` → (1/k) Σ_j ∇f(U + E_j)).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,9 +45,10 @@ import itertools
 import math
 import sys
 import time
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,8 +126,8 @@ def _triu(d: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 OBJECTIVES = ("half_mse", "relative")
 
 
-def objective_scale(problem: "MatrixSensingProblem", objective: str = "half_mse") -> float:
-    """s in f(U) = Σ r_i² / (m·s): 2 for "half_mse", mean y² of the training set for "relative"."""
+def objective_scale(problem: MatrixSensingProblem, objective: str = "half_mse") -> float:
+    """S in f(U) = Σ r_i² / (m·s): 2 for "half_mse", mean y² of the training set for "relative"."""
     if objective == "half_mse":
         return 2.0
     if objective == "relative":
@@ -135,7 +137,8 @@ def objective_scale(problem: "MatrixSensingProblem", objective: str = "half_mse"
 
 def pack_symmetric(X: torch.Tensor) -> torch.Tensor:
     """Packed form of symmetric matrices (..., d, d) → (..., d(d+1)/2): the diagonal, then the strict
-    upper triangle times √2, so that ⟨X, Y⟩_F = pack(X) · pack(Y)."""
+    upper triangle times √2, so that ⟨X, Y⟩_F = pack(X) · pack(Y).
+    """
     d = X.shape[-1]
     rows, cols = _triu(d, X.device)
     return torch.cat([torch.diagonal(X, dim1=-2, dim2=-1), _SQRT2 * X[..., rows, cols]], dim=-1)
@@ -153,8 +156,14 @@ def unpack_symmetric(v: torch.Tensor, d: int) -> torch.Tensor:
     return out
 
 
-def make_problem(d: int = 100, r: int = 5, m: int | None = None, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, chunk: int = 256) -> MatrixSensingProblem:
+def make_problem(
+    d: int = 100,
+    r: int = 5,
+    m: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    chunk: int = 256,
+) -> MatrixSensingProblem:
     """Draw a seeded instance: U*, then m training and m validation measurements (m = 5·d·r by default)."""
     if d < 1 or r < 1 or r > d:
         raise ValueError(f"need 1 ≤ r ≤ d, got d={d}, r={r}")
@@ -172,8 +181,8 @@ def make_problem(d: int = 100, r: int = 5, m: int | None = None, seed: int = 0,
             n = min(chunk, m - start)
             G = torch.randn(n, d, d, generator=gen, dtype=torch.float64)
             packed = pack_symmetric((G + G.transpose(1, 2)) / 2)
-            A[start:start + n] = packed.to(dtype)
-            y[start:start + n] = packed @ x_star
+            A[start : start + n] = packed.to(dtype)
+            y[start : start + n] = packed @ x_star
         return A, y.to(dtype)
 
     A_train, y_train = measurements()
@@ -193,7 +202,9 @@ def loss(U: torch.Tensor, problem: MatrixSensingProblem, which: str = "train") -
     return float(residuals(U, problem, which).double().pow(2).mean()) / c
 
 
-def objective_value(U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse") -> torch.Tensor:
+def objective_value(
+    U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse"
+) -> torch.Tensor:
     """f(U) = Σ_i r_i² / (m·s) on the training set (differentiable in U; for autograd checks)."""
     A, y, _ = problem.split("train")
     r = A @ pack_symmetric(U @ U.T).to(A.dtype) - y
@@ -205,8 +216,9 @@ def gradient(U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "h
     return objective_and_gradient(U, problem, objective)[1]
 
 
-def objective_and_gradient(U: torch.Tensor, problem: MatrixSensingProblem,
-                           objective: str = "half_mse") -> tuple[float, torch.Tensor]:
+def objective_and_gradient(
+    U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse"
+) -> tuple[float, torch.Tensor]:
     """f(U) = Σ r_i²/(m s) and ∇f(U) = (4/(m s)) (Σ r_i A_i) U from one residual pass."""
     A = problem.A_train
     scale = A.shape[0] * objective_scale(problem, objective)
@@ -215,8 +227,9 @@ def objective_and_gradient(U: torch.Tensor, problem: MatrixSensingProblem,
     return float(r.double().pow(2).sum()) / scale, (4.0 / scale) * (S @ U)
 
 
-def exact_hessian_trace(U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse",
-                        chunk: int = 128) -> float:
+def exact_hessian_trace(
+    U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse", chunk: int = 128
+) -> float:
     """Tr ∇²f(U) of the training objective in closed form (float64 accumulation)."""
     A = problem.A_train
     c = objective_scale(problem, objective)
@@ -226,14 +239,15 @@ def exact_hessian_trace(U: torch.Tensor, problem: MatrixSensingProblem, objectiv
     traces = A[:, :d].double().sum(1)  # tr A_i: the packed diagonal
     gn = 0.0
     for start in range(0, m, chunk):
-        Ai = unpack_symmetric(A[start:start + chunk].double(), d)
+        Ai = unpack_symmetric(A[start : start + chunk].double(), d)
         gn += float((2.0 * Ai @ U64).pow(2).sum())
     return (2.0 / (m * c)) * (gn + float((2.0 * d * r * traces).sum()))
 
 
 class _Factor(torch.nn.Module):
     """The model ⟨A_i, UUᵀ⟩ as an ``nn.Module`` of the packed measurements, so that the core's
-    HessianOperator (and every estimator) applies to the matrix-sensing objective unchanged."""
+    HessianOperator (and every estimator) applies to the matrix-sensing objective unchanged.
+    """
 
     def __init__(self, U: torch.Tensor):
         super().__init__()
@@ -243,27 +257,41 @@ class _Factor(torch.nn.Module):
         return A @ pack_symmetric(self.U @ self.U.T).to(A.dtype)
 
 
-def hessian_operator(U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse",
-                     batch_size: int = 500):
+def hessian_operator(
+    U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse", batch_size: int = 500
+):
     """∇²f(U) of the training objective as a :class:`~hessian_tools.HessianOperator` (float64),
-    streaming the measurements in batches: f = mean_i r_i² / s over all m measurements."""
+    streaming the measurements in batches: f = mean_i r_i² / s over all m measurements.
+    """
     from ...operators import HessianOperator
 
     scale = objective_scale(problem, objective)
     A, y = problem.A_train, problem.y_train
-    data = [(A[i:i + batch_size], y[i:i + batch_size]) for i in range(0, A.shape[0], batch_size)]
-    return HessianOperator(_Factor(U), lambda pred, target: (pred - target).pow(2).mean() / scale, data,
-                           dtype=torch.float64)
+    data = [(A[i : i + batch_size], y[i : i + batch_size]) for i in range(0, A.shape[0], batch_size)]
+    return HessianOperator(
+        _Factor(U), lambda pred, target: (pred - target).pow(2).mean() / scale, data, dtype=torch.float64
+    )
 
 
-def estimated_hessian_trace(U: torch.Tensor, problem: MatrixSensingProblem, objective: str = "half_mse",
-                            rtol: float = 0.01, seed: int = 0) -> dict:
+def estimated_hessian_trace(
+    U: torch.Tensor,
+    problem: MatrixSensingProblem,
+    objective: str = "half_mse",
+    rtol: float = 0.01,
+    seed: int = 0,
+) -> dict:
     """Tr ∇²f(U) by the core's Hutch++ (95% half-width ≤ rtol·|trace|), to set next to the exact value."""
     from ...estimators import trace
 
     result = trace(hessian_operator(U, problem, objective), rtol=rtol, max_hvps=2000, seed=seed)
-    return {"estimate": result.estimate, "stderr": result.stderr, "hvps": result.hvps, "seed": seed,
-            "method": result.method, "converged": result.converged}
+    return {
+        "estimate": result.estimate,
+        "stderr": result.stderr,
+        "hvps": result.hvps,
+        "seed": seed,
+        "method": result.method,
+        "converged": result.converged,
+    }
 
 
 def initial_U(problem: MatrixSensingProblem, seed: int, init_scale: float = 1.0) -> torch.Tensor:
@@ -273,12 +301,26 @@ def initial_U(problem: MatrixSensingProblem, seed: int, init_scale: float = 1.0)
     return (init_scale * U).to(problem.A_train.dtype)
 
 
-def run_matrix_sensing(method: str, seed: int = 0, steps: int = 5000, *, d: int = 100, r: int = 5,
-                       m: int | None = None, lr: float = 1e-3, sigma: float = 0.08, k: int = 1,
-                       two_sided: bool = True, init_scale: float = 1.0, objective: str = "half_mse",
-                       log_every: int = 50,
-                       problem: MatrixSensingProblem | None = None, dtype: torch.dtype = torch.float32,
-                       trace: bool = True, num_threads: int | None = 1) -> dict[str, Any]:
+def run_matrix_sensing(
+    method: str,
+    seed: int = 0,
+    steps: int = 5000,
+    *,
+    d: int = 100,
+    r: int = 5,
+    m: int | None = None,
+    lr: float = 1e-3,
+    sigma: float = 0.08,
+    k: int = 1,
+    two_sided: bool = True,
+    init_scale: float = 1.0,
+    objective: str = "half_mse",
+    log_every: int = 50,
+    problem: MatrixSensingProblem | None = None,
+    dtype: torch.dtype = torch.float32,
+    trace: bool = True,
+    num_threads: int | None = 1,
+) -> dict[str, Any]:
     """Run one method on the seeded instance; returns curves, final losses, the final trace and times.
 
     The problem (from ``seed``, or the given ``problem``), the initial U and the noise stream are all
@@ -304,22 +346,37 @@ def run_matrix_sensing(method: str, seed: int = 0, steps: int = 5000, *, d: int 
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     try:
-        return _run(method, seed, steps, problem, lr, sigma, k, two_sided, init_scale, objective, log_every, trace)
+        return _run(
+            method, seed, steps, problem, lr, sigma, k, two_sided, init_scale, objective, log_every, trace
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _optimizer(method: str, U: torch.nn.Parameter, lr: float, sigma: float, k: int, two_sided: bool,
-               noise: torch.Generator) -> torch.optim.Optimizer:
+def _optimizer(
+    method: str,
+    U: torch.nn.Parameter,
+    lr: float,
+    sigma: float,
+    k: int,
+    two_sided: bool,
+    noise: torch.Generator,
+) -> torch.optim.Optimizer:
     """Full-batch GD (plain SGD, no momentum), weight-perturbed GD or NSO from :mod:`hessian_tools.optim`."""
-    options = {"gd": {}, "wp": {"sigma": sigma, "k": k}, "nso": {"sigma": sigma, "k": k, "two_sided": two_sided}}[method]
+    options = {
+        "gd": {},
+        "wp": {"sigma": sigma, "k": k},
+        "nso": {"sigma": sigma, "k": k, "two_sided": two_sided},
+    }[method]
     name = {"gd": "sgd", "wp": "wp", "nso": "nso"}[method]
     return make_optimizer(name, [U], base="sgd", lr=lr, momentum=0.0, generator=noise, **options)
 
 
 def _run(method, seed, steps, problem, lr, sigma, k, two_sided, init_scale, objective, log_every, trace):
     U = torch.nn.Parameter(initial_U(problem, seed, init_scale))
-    optimizer = _optimizer(method, U, lr, sigma, k, two_sided, torch.Generator().manual_seed(int(seed) + 104_729))
+    optimizer = _optimizer(
+        method, U, lr, sigma, k, two_sided, torch.Generator().manual_seed(int(seed) + 104_729)
+    )
     curve: dict[str, list] = {"step": [], "train_loss": [], "val_loss": []}
 
     def log(step: int) -> None:
@@ -348,15 +405,28 @@ def _run(method, seed, steps, problem, lr, sigma, k, two_sided, init_scale, obje
     wall = time.perf_counter() - t0
     final = U.detach()
     return {
-        "method": method, "seed": int(seed), "steps": int(steps), "d": problem.d, "r": problem.r, "m": problem.m,
-        "lr": lr, "sigma": sigma, "k": k, "two_sided": two_sided, "init_scale": init_scale,
+        "method": method,
+        "seed": int(seed),
+        "steps": int(steps),
+        "d": problem.d,
+        "r": problem.r,
+        "m": problem.m,
+        "lr": lr,
+        "sigma": sigma,
+        "k": k,
+        "two_sided": two_sided,
+        "init_scale": init_scale,
         "objective": objective,
         "curve": curve,
-        "final_train_loss": curve["train_loss"][-1], "final_val_loss": curve["val_loss"][-1],
+        "final_train_loss": curve["train_loss"][-1],
+        "final_val_loss": curve["val_loss"][-1],
         "hessian_trace": (exact_hessian_trace(final, problem, objective) if trace and not diverged else None),
-        "hessian_trace_estimated": (estimated_hessian_trace(final, problem, objective, seed=seed)
-                                    if trace and not diverged else None),
-        "wall_time_s": wall, "diverged": diverged, "U": final,
+        "hessian_trace_estimated": (
+            estimated_hessian_trace(final, problem, objective, seed=seed) if trace and not diverged else None
+        ),
+        "wall_time_s": wall,
+        "diverged": diverged,
+        "U": final,
     }
 
 
@@ -382,18 +452,44 @@ def _summarise(runs: list[dict], methods: Sequence[str]) -> dict:
     return out
 
 
-def run_experiment(seeds: Sequence[int] = (0,), steps: int = 5000, methods: Sequence[str] = METHODS, *,
-                   d: int = 100, r: int = 5, m: int | None = None, lr: float = 1e-3, sigma: float = 0.08,
-                   init_scale: float = 1.0, objective: str = "half_mse", log_every: int = 50,
-                   num_threads: int | None = 1, say=print) -> dict:
+def run_experiment(
+    seeds: Sequence[int] = (0,),
+    steps: int = 5000,
+    methods: Sequence[str] = METHODS,
+    *,
+    d: int = 100,
+    r: int = 5,
+    m: int | None = None,
+    lr: float = 1e-3,
+    sigma: float = 0.08,
+    init_scale: float = 1.0,
+    objective: str = "half_mse",
+    log_every: int = 50,
+    num_threads: int | None = 1,
+    say=print,
+) -> dict:
     """Every method on every seed (one problem per seed, shared by the methods): the JSON-ready results
-    ``{"experiment", "config", "paper_val_loss", "summary", "runs", "total_wall_time_s", "versions"}``."""
+    ``{"experiment", "config", "paper_val_loss", "summary", "runs", "total_wall_time_s", "versions"}``.
+    """
     from ... import __version__
 
     m = 5 * d * r if m is None else int(m)
-    cfg = {"d": d, "r": r, "m": m, "lr": lr, "sigma": sigma, "steps": steps, "log_every": log_every,
-           "init_scale": init_scale, "objective": objective, "methods": list(methods), "seeds": list(seeds),
-           "k": 1, "two_sided": True, "threads": num_threads}
+    cfg = {
+        "d": d,
+        "r": r,
+        "m": m,
+        "lr": lr,
+        "sigma": sigma,
+        "steps": steps,
+        "log_every": log_every,
+        "init_scale": init_scale,
+        "objective": objective,
+        "methods": list(methods),
+        "seeds": list(seeds),
+        "k": 1,
+        "two_sided": True,
+        "threads": num_threads,
+    }
     runs = []
     t_all = time.perf_counter()
     for seed in seeds:
@@ -401,13 +497,25 @@ def run_experiment(seeds: Sequence[int] = (0,), steps: int = 5000, methods: Sequ
         problem = make_problem(d, r, m, seed=seed)
         say(f"seed {seed}: problem drawn in {time.perf_counter() - t0:.1f}s")
         for method in methods:
-            out = run_matrix_sensing(method, seed, steps, problem=problem, lr=lr, sigma=sigma, init_scale=init_scale,
-                                     objective=objective, log_every=log_every, num_threads=num_threads)
+            out = run_matrix_sensing(
+                method,
+                seed,
+                steps,
+                problem=problem,
+                lr=lr,
+                sigma=sigma,
+                init_scale=init_scale,
+                objective=objective,
+                log_every=log_every,
+                num_threads=num_threads,
+            )
             out.pop("U")
             runs.append(out)
             trace = "n/a" if out["hessian_trace"] is None else f"{out['hessian_trace']:.4g}"
-            say(f"  {method:>4}: train {out['final_train_loss']:.3e}  val {out['final_val_loss']:.3e} "
-                f"(paper {PAPER_VAL_LOSS[method]:.1e})  Tr H {trace}  {out['wall_time_s']:.1f}s")
+            say(
+                f"  {method:>4}: train {out['final_train_loss']:.3e}  val {out['final_val_loss']:.3e} "
+                f"(paper {PAPER_VAL_LOSS[method]:.1e})  Tr H {trace}  {out['wall_time_s']:.1f}s"
+            )
     return {
         "experiment": "matrix_sensing",
         "config": cfg,
@@ -415,14 +523,19 @@ def run_experiment(seeds: Sequence[int] = (0,), steps: int = 5000, methods: Sequ
         "summary": _summarise(runs, methods),
         "runs": runs,
         "total_wall_time_s": time.perf_counter() - t_all,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-                     "hessian_tools": __version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "hessian_tools": __version__,
+        },
     }
 
 
 def write_results(results: dict, out_dir: str | Path) -> list[Path]:
     """Write OUT/matrix_sensing.json and the figure (png + pdf); returns the paths written. The
-    paper's final validation losses are drawn only for the paper's own set-up."""
+    paper's final validation losses are drawn only for the paper's own set-up.
+    """
     from ..io import atomic_write_json
     from ..plots import plot_matrix_sensing
 

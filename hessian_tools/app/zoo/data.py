@@ -21,14 +21,15 @@ Data specs (:func:`load_data`):
   or the training data alone, each split an ``(X, y)`` pair of tensors, a
   ``torch.utils.data.Dataset``, a ``DataLoader`` or any re-iterable of batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import importlib.resources
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,8 +56,10 @@ __all__ = [
 
 Split = tuple[Any, torch.Tensor]
 
-ONE_SHOT = ("cannot be passed over twice, but every Hessian-vector product makes a full pass over the data: "
-            "return a re-iterable instead (a list of batches, a Dataset or a DataLoader)")
+ONE_SHOT = (
+    "cannot be passed over twice, but every Hessian-vector product makes a full pass over the data: "
+    "return a re-iterable instead (a list of batches, a Dataset or a DataLoader)"
+)
 
 
 class Batches:
@@ -77,15 +80,19 @@ class Batches:
             iter(source)
         except TypeError:
             if not isinstance(source, torch.utils.data.Dataset):
-                raise DataError(f"{where} is a {type(source).__name__}, not data: give (X, y) tensors, a Dataset, "
-                                "a DataLoader or a list of batches") from None
+                raise DataError(
+                    f"{where} is a {type(source).__name__}, not data: give (X, y) tensors, a Dataset, "
+                    "a DataLoader or a list of batches"
+                ) from None
         self.source = source
         self.where = where
         self._total: int | None = None
 
     def batched(self, batch_size: int) -> Any:
         """The re-iterable of batches the data loop streams."""
-        if isinstance(self.source, torch.utils.data.Dataset) and not isinstance(self.source, torch.utils.data.DataLoader):
+        if isinstance(self.source, torch.utils.data.Dataset) and not isinstance(
+            self.source, torch.utils.data.DataLoader
+        ):
             return torch.utils.data.DataLoader(self.source, batch_size=int(batch_size), shuffle=False)
         return self.source
 
@@ -133,9 +140,15 @@ class DataBundle:
         test = None if self.test is None else _as_split(self.test, "test", self.name, self.num_classes)
         object.__setattr__(self, "train", train)
         object.__setattr__(self, "test", test)
-        if isinstance(train[0] if isinstance(train, tuple) else None, torch.Tensor) and isinstance(test, tuple) \
-                and isinstance(test[0], torch.Tensor) and train[0].shape[1:] != test[0].shape[1:]:
-            raise DataError(f"{self.name}: train samples have shape {tuple(train[0].shape[1:])} but test samples {tuple(test[0].shape[1:])}")
+        if (
+            isinstance(train[0] if isinstance(train, tuple) else None, torch.Tensor)
+            and isinstance(test, tuple)
+            and isinstance(test[0], torch.Tensor)
+            and train[0].shape[1:] != test[0].shape[1:]
+        ):
+            raise DataError(
+                f"{self.name}: train samples have shape {tuple(train[0].shape[1:])} but test samples {tuple(test[0].shape[1:])}"
+            )
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
@@ -146,7 +159,8 @@ class DataBundle:
 
     def train_batches(self, batch_size: int) -> Any:
         """The training data as a re-iterable of batches of (at most) ``batch_size`` samples for
-        tensors and Datasets; a DataLoader or list of batches keeps its own batches."""
+        tensors and Datasets; a DataLoader or list of batches keeps its own batches.
+        """
         return _batched(self.train, batch_size)
 
     def test_batches(self, batch_size: int) -> Any:
@@ -189,8 +203,13 @@ def _as_split(split: Any, which: str, name: str, num_classes: int | None) -> Any
     X, y = split
     try:
         y = _tensor(y)
-        X = {k: _tensor(v) for k, v in X.items()} if isinstance(X, Mapping) else \
-            tuple(_tensor(v) for v in X) if isinstance(X, tuple) else _tensor(X)
+        X = (
+            {k: _tensor(v) for k, v in X.items()}
+            if isinstance(X, Mapping)
+            else tuple(_tensor(v) for v in X)
+            if isinstance(X, tuple)
+            else _tensor(X)
+        )
     except (TypeError, ValueError) as exc:
         raise DataError(f"{name}: {which} (X, y) cannot be turned into tensors ({exc})") from None
     _check_samples(X, y, which, name)
@@ -210,11 +229,15 @@ def _tensor(value: Any) -> torch.Tensor:
 def _check_samples(X: Any, y: torch.Tensor, which: str, name: str) -> None:
     columns = X.items() if isinstance(X, Mapping) else enumerate(X) if isinstance(X, tuple) else [(None, X)]
     if y.ndim < 1 or y.shape[0] == 0:
-        raise DataError(f"{name}: the {which} split is empty" if y.ndim else f"{name}: {which} y has no sample dimension")
+        raise DataError(
+            f"{name}: the {which} split is empty" if y.ndim else f"{name}: {which} y has no sample dimension"
+        )
     for key, column in columns:
         where = "X" if key is None else f"X[{key!r}]"
         if column.ndim < (2 if key is None else 1):
-            raise DataError(f"{name}: {which} {where} must have a batch dimension and features, got shape {tuple(column.shape)}")
+            raise DataError(
+                f"{name}: {which} {where} must have a batch dimension and features, got shape {tuple(column.shape)}"
+            )
         if column.shape[0] != y.shape[0]:
             raise DataError(f"{name}: {which} y must have shape ({column.shape[0]},), got {tuple(y.shape)}")
 
@@ -226,7 +249,9 @@ def _labels(y: torch.Tensor, which: str, name: str, num_classes: int) -> torch.T
         raise DataError(f"{name}: {which} labels must be integers (class indices)")
     y = y.to(torch.int64)
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise DataError(f"{name}: {which} labels span [{int(y.min())}, {int(y.max())}], outside [0, {num_classes - 1}]")
+        raise DataError(
+            f"{name}: {which} labels span [{int(y.min())}, {int(y.max())}], outside [0, {num_classes - 1}]"
+        )
     return y
 
 
@@ -282,7 +307,9 @@ def digits_finetune(seed: int = 0, per_class: int = 50) -> DataBundle:
     per_class = int(per_class)
     smallest = int(torch.bincount(y, minlength=5).min())
     if not 1 <= per_class < smallest:
-        raise DataError(f"digits-finetune: per_class must be in [1, {smallest - 1}] (the smallest class has {smallest} samples), got {per_class}")
+        raise DataError(
+            f"digits-finetune: per_class must be in [1, {smallest - 1}] (the smallest class has {smallest} samples), got {per_class}"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     train_idx, test_idx = [], []
     for c in range(5):
@@ -295,12 +322,16 @@ def digits_finetune(seed: int = 0, per_class: int = 50) -> DataBundle:
     return DataBundle((X[train], y[train]), (X[test], y[test]), 5, "digits-finetune")
 
 
-def synthetic_classification(n: int = 256, d: int = 10, num_classes: int = 3, seed: int = 0,
-                             separation: float = 2.0) -> DataBundle:
+def synthetic_classification(
+    n: int = 256, d: int = 10, num_classes: int = 3, seed: int = 0, separation: float = 2.0
+) -> DataBundle:
     """A Gaussian mixture: class means ~ N(0, separation²·I_d), unit-variance noise; balanced
-    classes, ``n`` samples in all, a seeded 80/20 train/test split. ``X`` is (n, d) float32."""
+    classes, ``n`` samples in all, a seeded 80/20 train/test split. ``X`` is (n, d) float32.
+    """
     if n < 2 * num_classes or d < 1 or num_classes < 2:
-        raise DataError(f"synthetic: need n ≥ 2·num_classes, d ≥ 1, num_classes ≥ 2; got n={n}, d={d}, num_classes={num_classes}")
+        raise DataError(
+            f"synthetic: need n ≥ 2·num_classes, d ≥ 1, num_classes ≥ 2; got n={n}, d={d}, num_classes={num_classes}"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     means = separation * torch.randn(num_classes, d, generator=gen)
     y = torch.arange(n) % num_classes
@@ -324,7 +355,9 @@ def _parse_options(query: str, spec: str) -> dict[str, Any]:
     for item in query.split("&"):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise DataError(f"bad option {item!r} in data spec {spec!r}; write builtin:NAME?key=value&key=value")
+            raise DataError(
+                f"bad option {item!r} in data spec {spec!r}; write builtin:NAME?key=value&key=value"
+            )
         for cast in (int, float):
             try:
                 options[key] = cast(value)
@@ -341,12 +374,16 @@ def load_data(spec: str) -> DataBundle:
     if isinstance(spec, DataBundle):
         return spec
     if not isinstance(spec, str) or ":" not in spec:
-        raise DataError(f"data spec must be 'builtin:NAME' ({', '.join('builtin:' + k for k in BUILTIN_DATA)}) or 'module:function', got {spec!r}")
+        raise DataError(
+            f"data spec must be 'builtin:NAME' ({', '.join('builtin:' + k for k in BUILTIN_DATA)}) or 'module:function', got {spec!r}"
+        )
     if spec.startswith("builtin:"):
-        body = spec[len("builtin:"):]
+        body = spec[len("builtin:") :]
         name, _, query = body.partition("?")
         if name not in BUILTIN_DATA:
-            raise DataError(f"unknown builtin dataset {name!r} in {spec!r}; choose one of {', '.join('builtin:' + k for k in BUILTIN_DATA)}")
+            raise DataError(
+                f"unknown builtin dataset {name!r} in {spec!r}; choose one of {', '.join('builtin:' + k for k in BUILTIN_DATA)}"
+            )
         options = _parse_options(query, spec)
         try:
             return BUILTIN_DATA[name](**options)
@@ -384,28 +421,44 @@ def bundle_from_factory(out: Any, spec: str) -> DataBundle:
         return DataBundle(out[0], out[1], None, spec)
     if is_batches(out) and not isinstance(out, (str, bytes)):
         return DataBundle(Batches(out, f"{where}: the training data"), None, None, spec)
-    raise DataError(f"{where} returned {type(out).__name__}; return a DataBundle, a dict with train, test, "
-                    "num_classes, a Dataset, a DataLoader or a list of batches")
+    raise DataError(
+        f"{where} returned {type(out).__name__}; return a DataBundle, a dict with train, test, "
+        "num_classes, a Dataset, a DataLoader or a list of batches"
+    )
 
 
 def _bundle_from_dict(out: Mapping, spec: str) -> DataBundle:
     if "train" not in out:
-        raise DataError(f"data loader {spec} returned a dict without train; it needs train, test, num_classes")
+        raise DataError(
+            f"data loader {spec} returned a dict without train; it needs train, test, num_classes"
+        )
     required = () if is_batches(out["train"]) else ("test", "num_classes")
     missing = [k for k in required if k not in out]
     if missing:
-        raise DataError(f"data loader {spec} returned a dict without {', '.join(missing)}; it needs train, test, num_classes")
+        raise DataError(
+            f"data loader {spec} returned a dict without {', '.join(missing)}; it needs train, test, num_classes"
+        )
     return DataBundle(out["train"], out.get("test"), out.get("num_classes"), str(out.get("name", spec)))
 
 
 def _is_loader_pair(out: Any) -> bool:
     """A ``(train, test)`` tuple of Datasets/DataLoaders (not one batch nor a list of batches)."""
-    return isinstance(out, tuple) and len(out) == 2 and all(
-        isinstance(part, torch.utils.data.Dataset) or isinstance(part, torch.utils.data.DataLoader) for part in out)
+    return (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and all(
+            isinstance(part, torch.utils.data.Dataset) or isinstance(part, torch.utils.data.DataLoader)
+            for part in out
+        )
+    )
 
 
-def batches(X: torch.Tensor | tuple | dict[str, torch.Tensor], y: torch.Tensor, batch_size: int,
-            generator: torch.Generator | None = None) -> list[tuple[Any, torch.Tensor]]:
+def batches(
+    X: torch.Tensor | tuple | dict[str, torch.Tensor],
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> list[tuple[Any, torch.Tensor]]:
     """Split (X, y) into consecutive mini-batches of ``batch_size``; the last, smaller batch is kept.
 
     ``X`` is a tensor, or a dict of tensors sharing the leading (sample) dimension — model inputs
@@ -428,18 +481,19 @@ def batches(X: torch.Tensor | tuple | dict[str, torch.Tensor], y: torch.Tensor, 
     b = int(batch_size)
 
     def rows(start: int):
-        piece = {k: v[start:start + b] for k, v in columns.items()}
+        piece = {k: v[start : start + b] for k, v in columns.items()}
         if isinstance(X, Mapping):
             return piece
         return tuple(piece.values()) if isinstance(X, tuple) else piece[None]
 
-    return [(rows(i), y[i:i + b]) for i in range(0, n, b)]
+    return [(rows(i), y[i : i + b]) for i in range(0, n, b)]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextData:
     """Token sequences padded to one length: ``input_ids`` and ``attention_mask`` (N, L) int64,
-    ``labels`` (N,) int64 in [0, num_classes). Padding is token 0 with mask 0."""
+    ``labels`` (N,) int64 in [0, num_classes). Padding is token 0 with mask 0.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -451,14 +505,21 @@ class TextData:
         """The model's keyword arguments for all N samples."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
-    def batches(self, batch_size: int,
-                generator: torch.Generator | None = None) -> list[tuple[dict, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> list[tuple[dict, torch.Tensor]]:
         """``[({"input_ids": ..., "attention_mask": ...}, labels), ...]``, see :func:`batches`."""
         return batches(self.inputs, self.labels, batch_size, generator)
 
 
-def synthetic_text(n: int = 256, vocab_size: int = 2000, min_len: int = 8, max_len: int = 64,
-                   num_classes: int = 2, seed: int = 0) -> TextData:
+def synthetic_text(
+    n: int = 256,
+    vocab_size: int = 2000,
+    min_len: int = 8,
+    max_len: int = 64,
+    num_classes: int = 2,
+    seed: int = 0,
+) -> TextData:
     """Seeded random token sequences with a rule a bag-of-words model can learn.
 
     Lengths are uniform in [min_len, max_len]; tokens uniform in [1, vocab_size) (0 is padding).
@@ -466,9 +527,11 @@ def synthetic_text(n: int = 256, vocab_size: int = 2000, min_len: int = 8, max_l
     tokens in it (ties go to the lowest group), so mean-pooled token embeddings determine it.
     """
     if not (2 <= num_classes < vocab_size and 1 <= min_len <= max_len and n >= 1):
-        raise DataError(f"synthetic text: need 2 ≤ num_classes < vocab_size, 1 ≤ min_len ≤ max_len, n ≥ 1; "
-                        f"got n={n}, vocab_size={vocab_size}, min_len={min_len}, max_len={max_len}, "
-                        f"num_classes={num_classes}")
+        raise DataError(
+            f"synthetic text: need 2 ≤ num_classes < vocab_size, 1 ≤ min_len ≤ max_len, n ≥ 1; "
+            f"got n={n}, vocab_size={vocab_size}, min_len={min_len}, max_len={max_len}, "
+            f"num_classes={num_classes}"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     lengths = torch.randint(int(min_len), int(max_len) + 1, (int(n),), generator=gen)
     mask = (torch.arange(int(max_len))[None, :] < lengths[:, None]).to(torch.int64)

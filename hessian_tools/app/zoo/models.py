@@ -18,6 +18,7 @@ Models are built with PyTorch's default initialisation, which draws from the glo
 that need reproducibility without touching the global RNG wrap construction in
 :func:`seeded_build` (``torch.random.fork_rng`` + ``manual_seed``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,9 +26,9 @@ import importlib.util
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -78,7 +79,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         if x.shape[1] != self.in_features:
-            raise ValueError(f"MLP expects {self.in_features} input features, got {x.shape[1]} (input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"MLP expects {self.in_features} input features, got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
         return self.head(self.body(x))
 
 
@@ -89,12 +92,20 @@ class SmallCNN(nn.Module):
     (``image_size`` sets the head's input width).
     """
 
-    def __init__(self, num_classes: int = 10, channels: int = 8, batchnorm: bool = False,
-                 in_channels: int = 1, image_size: int = 8):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        channels: int = 8,
+        batchnorm: bool = False,
+        in_channels: int = 1,
+        image_size: int = 8,
+    ):
         super().__init__()
         _check_positive(num_classes=num_classes, channels=channels, in_channels=in_channels)
         if image_size < 4 or image_size % 4:
-            raise ValueError(f"SmallCNN needs an image size divisible by 4 (two 2×2 poolings), got {image_size}")
+            raise ValueError(
+                f"SmallCNN needs an image size divisible by 4 (two 2×2 poolings), got {image_size}"
+            )
         c = int(channels)
 
         def block(cin: int, cout: int) -> list[nn.Module]:
@@ -125,8 +136,9 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         if stride != 1 or cin != cout:
-            skip: nn.Module = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+            skip: nn.Module = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
         else:
             skip = nn.Identity()
         self.skip_name = skip_name
@@ -145,14 +157,20 @@ class SmallResNet(nn.Module):
     halves the spatial size (8×8 → 4×4 with the default two stages).
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 8, blocks: Sequence[int] = (1, 1), in_channels: int = 1):
+    def __init__(
+        self, num_classes: int = 10, width: int = 8, blocks: Sequence[int] = (1, 1), in_channels: int = 1
+    ):
         super().__init__()
         _check_positive(num_classes=num_classes, width=width, in_channels=in_channels)
         blocks = tuple(int(b) for b in blocks)
         if not blocks or any(b < 1 for b in blocks):
-            raise ValueError(f"SmallResNet needs at least one stage and ≥1 block per stage, got blocks={blocks}")
+            raise ValueError(
+                f"SmallResNet needs at least one stage and ≥1 block per stage, got blocks={blocks}"
+            )
         w = int(width)
-        self.stem = nn.Sequential(nn.Conv2d(int(in_channels), w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(int(in_channels), w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()
+        )
         layers: list[nn.Module] = []
         cin = w
         for i, n in enumerate(blocks):
@@ -199,8 +217,10 @@ class ResNet18(nn.Module):
         cin = 64
         for i, cout in enumerate(self.widths):
             stride = 1 if i == 0 else 2
-            stage = nn.Sequential(BasicBlock(cin, cout, stride, skip_name="downsample"),
-                                  BasicBlock(cout, cout, 1, skip_name="downsample"))
+            stage = nn.Sequential(
+                BasicBlock(cin, cout, stride, skip_name="downsample"),
+                BasicBlock(cout, cout, 1, skip_name="downsample"),
+            )
             self.add_module(f"layer{i + 1}", stage)
             cin = cout
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -225,7 +245,9 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 2 and math.isqrt(x.shape[1]) ** 2 == x.shape[1]:
         side = math.isqrt(x.shape[1])
         return x.reshape(x.shape[0], 1, side, side)
-    raise ValueError(f"convolutional models expect images (N, C, H, W) or flat square images (N, H·W), got shape {tuple(x.shape)}")
+    raise ValueError(
+        f"convolutional models expect images (N, C, H, W) or flat square images (N, H·W), got shape {tuple(x.shape)}"
+    )
 
 
 def _check_positive(**values) -> None:
@@ -233,8 +255,12 @@ def _check_positive(**values) -> None:
         check_integer(name, value)
 
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "resnet": SmallResNet,
-                                      "resnet18": ResNet18}
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "cnn": SmallCNN,
+    "resnet": SmallResNet,
+    "resnet18": ResNet18,
+}
 
 
 def build_model(name: str, num_classes: int, input_shape: Sequence[int] | None = None, **kw) -> nn.Module:
@@ -251,13 +277,19 @@ def build_model(name: str, num_classes: int, input_shape: Sequence[int] | None =
         try:
             model = factory(num_classes=int(num_classes), **kw)
         except TypeError as exc:
-            raise ModelSpecError(f"model factory {name} could not be called as f(num_classes=..., **model_kwargs): {exc}") from None
+            raise ModelSpecError(
+                f"model factory {name} could not be called as f(num_classes=..., **model_kwargs): {exc}"
+            ) from None
         if not isinstance(model, nn.Module):
-            raise ModelSpecError(f"model factory {name} returned {type(model).__name__}, not a torch.nn.Module")
+            raise ModelSpecError(
+                f"model factory {name} returned {type(model).__name__}, not a torch.nn.Module"
+            )
         return model
     key = name.lower()
     if key not in MODELS:
-        raise ModelSpecError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or give a 'module:function' factory")
+        raise ModelSpecError(
+            f"unknown model {name!r}; choose one of {', '.join(MODELS)} or give a 'module:function' factory"
+        )
     kw = dict(kw)
     if input_shape is not None:
         shape = tuple(int(s) for s in input_shape)
@@ -271,7 +303,9 @@ def build_model(name: str, num_classes: int, input_shape: Sequence[int] | None =
             if key == "cnn":
                 kw.setdefault("image_size", math.isqrt(shape[0]))
         else:
-            raise ModelSpecError(f"model {key!r} needs image inputs (C, H, W); the data has samples of shape {shape}")
+            raise ModelSpecError(
+                f"model {key!r} needs image inputs (C, H, W); the data has samples of shape {shape}"
+            )
     try:
         return MODELS[key](num_classes=int(num_classes), **kw)
     except TypeError as exc:
@@ -317,7 +351,9 @@ def load_factory(spec: str, error: type[Exception] = ModelSpecError) -> Callable
     except ModuleNotFoundError as exc:
         raise error(f"cannot import {spec!r}: no module named {exc.name!r}") from None
     except Exception as exc:  # noqa: BLE001 — any import-time failure becomes one line
-        raise error(f"cannot import {spec!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
+        raise error(
+            f"cannot import {spec!r}: importing {module_name} raised {type(exc).__name__}: {exc}"
+        ) from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -328,7 +364,9 @@ def load_factory(spec: str, error: type[Exception] = ModelSpecError) -> Callable
     return obj
 
 
-def seeded_build(seed: int, name: str, num_classes: int, input_shape: Sequence[int] | None = None, **kw) -> nn.Module:
+def seeded_build(
+    seed: int, name: str, num_classes: int, input_shape: Sequence[int] | None = None, **kw
+) -> nn.Module:
     """:func:`build_model` with the initialisation drawn from ``manual_seed(seed)``, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
