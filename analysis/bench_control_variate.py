@@ -210,13 +210,14 @@ def write_report(results: dict, out: Path) -> None:
     text = "\n\n".join(
         [
             "# tr(H) with the GGN as control variate",
-            f"{results['date']}; torch {torch.__version__}; {results['threads']} thread(s); load average at start "
-            f"{results['load_start'][0]:.2f}, end {results['load_end'][0]:.2f}; `{results['command']}`; "
-            f"seeds {results['seeds']}, {results['probes']} Rademacher probes per seed (the same probes for both "
-            "columns); float64. Variances per probe are the per-seed sample variances averaged over the seeds. "
-            "HVP-equivalents to 1% (95% half-width ≤ 1% of tr H) are predicted from them: plain m_H; control "
-            "variate C + 2·m_R (C exact-trace passes counted as one HVP each, then one H and one G product per "
-            "residual probe). Seconds to 1% use the measured time per product and of the exact trace.",
+            f"{results['date']}; torch {torch.__version__}; {results['threads']} thread(s); load average "
+            f"at start {results['load_start'][0]:.2f}, end {results['load_end'][0]:.2f}; "
+            f"`{results['command']}`; seeds {results['seeds']}, {results['probes']} Rademacher probes per "
+            "seed (the same probes for both columns); float64. Variances per probe are the per-seed sample "
+            "variances averaged over the seeds. HVP-equivalents to 1% (95% half-width ≤ 1% of tr H) are "
+            "predicted from them: plain m_H; control variate C + 2·m_R (C exact-trace passes counted as one "
+            "HVP each, then one H and one G product per residual probe). Seconds to 1% use the measured "
+            "time per product and of the exact trace.",
             "## Variance per probe and cost to 1%",
             md_table(COLUMNS, summary_rows(rows)),
             "## Time per product (ms, per probe in one block) and of the exact tr(G) (s)",
@@ -234,7 +235,8 @@ def write_report(results: dict, out: Path) -> None:
                 ],
                 timing,
             ),
-            f"## Real runs: `ht.trace(H, rtol=0.01, max_hvps={results['run_budget']}, control_variate=G, seed=s)`",
+            f"## Real runs: `ht.trace(H, rtol=0.01, max_hvps={results['run_budget']}, "
+            "control_variate=G, seed=s)`",
             md_table(RUN_COLUMNS, run_rows(rows)),
         ]
     )

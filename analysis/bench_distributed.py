@@ -164,13 +164,14 @@ def main() -> None:
         "# Data-parallel Hessian operator: one 16-column matmat",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: `nproc` = {os.cpu_count()}, {platform.machine()}, torch {torch.__version__}, gloo on CPU, "
-        f"torch.set_num_threads(1) per process; 1-min load average at start {load:.1f}",
+        f"- machine: `nproc` = {os.cpu_count()}, {platform.machine()}, torch {torch.__version__}, "
+        f"gloo on CPU, torch.set_num_threads(1) per process; 1-min load average at start {load:.1f}",
         "- command: `python analysis/bench_distributed.py`",
         f"- problem: MLP 32→64→64→10 (dim = {dim}, P = {tensors} parameter tensors, float32), "
         f"{N_SAMPLES} synthetic samples in {N_SAMPLES // BATCH} batches of {BATCH}, dealt round-robin",
         "",
-        "| processes | batches/rank | matmat K=16 (s, median of 3) | ours: all_reduces / block | ours: payload / block "
+        "| processes | batches/rank | matmat K=16 (s, median of 3) | ours: all_reduces / block "
+        "| ours: payload / block "
         "| hessian-eigenthings DDP: collectives / block | hessian-eigenthings DDP: payload / block |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -189,8 +190,8 @@ def main() -> None:
         "(B = batches per rank); none with one process. Payload = size of the buffers passed to all_reduce "
         "(a ring all_reduce sends ≈ 2(W−1)/W of it per rank).",
         "",
-        f"With {os.cpu_count()} cores, more processes than cores oversubscribe them, so no speed-up is expected "
-        "beyond that many processes"
+        f"With {os.cpu_count()} cores, more processes than cores oversubscribe them, so no speed-up is "
+        "expected beyond that many processes"
         + (
             f"; the load average of {load:.1f} at the start means other work shared the "
             "cores and the timings are noisy."

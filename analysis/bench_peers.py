@@ -381,7 +381,8 @@ def run_trace(settings: Settings, tools_for: Callable, truths: dict, results: di
                 log(
                     f"  {tool.name:20s} {label:26s} "
                     + "  ".join(
-                        f"{t:.0e}: {fmt(entry[t]['hvps'])} HVPs {fmt(entry[t]['seconds'])} s ({entry[t]['seeds']})"
+                        f"{t:.0e}: {fmt(entry[t]['hvps'])} HVPs "
+                        f"{fmt(entry[t]['seconds'])} s ({entry[t]['seeds']})"
                         for t in TRACE_TARGETS
                     )
                 )
@@ -435,7 +436,8 @@ def run_eigen(settings: Settings, cache_dir, results: dict):
             how = "float64 eigsh reference, tol 1e-13"
         out["truth"][model_name] = {"values": [float(v) for v in truth], "method": how, "bound": bound}
         log(
-            f"[eigen] {model_name}: dim={problem.dim}, top eigenvalues {np.array2string(truth, precision=6)} ({how})"
+            f"[eigen] {model_name}: dim={problem.dim}, top eigenvalues "
+            f"{np.array2string(truth, precision=6)} ({how})"
         )
         tools = peers.make_tools(problem, peers=results["peers_enabled"], log=log)
         for k in settings.eigen_ks:
@@ -460,7 +462,8 @@ def run_eigen(settings: Settings, cache_dir, results: dict):
                         + "  ".join(
                             f"{t:.0e}: "
                             + (
-                                f"{fmt(entry[t]['hvps'])} HVPs {fmt(entry[t]['seconds'])} s ({cfg.knob_name}={fmt(entry[t]['knob'])})"
+                                f"{fmt(entry[t]['hvps'])} HVPs {fmt(entry[t]['seconds'])} s "
+                                f"({cfg.knob_name}={fmt(entry[t]['knob'])})"
                                 if entry[t]
                                 else "not reached"
                             )
@@ -601,14 +604,16 @@ problem = B.build_problem("cnn", spec, scale={scale}, train=False)
 status_mb = B.status_mb
 base = status_mb("VmRSS")
 cls = {{"ours": lambda p: peers.Ours(p), "ours (autograd)": lambda p: peers.Ours(p, backend="autograd"),
-        "PyHessian": peers.PyHessian, "curvlinops": peers.Curvlinops, "hessian-eigenthings": peers.Eigenthings}}[{tool!r}]
+        "PyHessian": peers.PyHessian, "curvlinops": peers.Curvlinops,
+        "hessian-eigenthings": peers.Eigenthings}}[{tool!r}]
 tool = cls(problem)
 V = torch.randn(problem.dim, {k})
 start = time.perf_counter()
 tool.block(V)
 seconds = time.perf_counter() - start
 peak = status_mb("VmHWM")
-print(json.dumps({{"base_mb": base, "peak_mb": peak, "growth_mb": peak - base, "samples": problem.num_samples, "seconds": seconds}}))
+print(json.dumps({{"base_mb": base, "peak_mb": peak, "growth_mb": peak - base,
+                  "samples": problem.num_samples, "seconds": seconds}}))
 """
 
 
@@ -745,7 +750,8 @@ def compute_truths(settings: Settings, tools_for, cache_dir, results: dict) -> d
         if problem.dim <= DENSE_MAX:  # cross-check the GGN identity against the dense Hessian
             H = cached(problem, "dense", lambda: dense_hessian(problem), cache_dir)
             info["check"] = (
-                f"dense Hessian trace {float(torch.trace(H)):.10g} (rel. diff {abs(float(torch.trace(H)) - info['trace']) / abs(info['trace']):.1e})"
+                f"dense Hessian trace {float(torch.trace(H)):.10g} "
+                f"(rel. diff {abs(float(torch.trace(H)) - info['trace']) / abs(info['trace']):.1e})"
             )
         elif settings.models[model_name].reference_hvps:
             ours, m = tools[0], settings.models[model_name].reference_hvps
@@ -758,7 +764,8 @@ def compute_truths(settings: Settings, tools_for, cache_dir, results: dict) -> d
             half = 1.96 * ref["stderr"]
             agree = abs(ref["estimate"] - info["trace"]) <= 3 * ref["stderr"]
             info["check"] = (
-                f"ours Hutch++, {m} HVPs: {ref['estimate']:.8g} ± {half:.2g} (95%, ±{half / abs(ref['estimate']):.2%}); "
+                f"ours Hutch++, {m} HVPs: {ref['estimate']:.8g} ± {half:.2g} "
+                f"(95%, ±{half / abs(ref['estimate']):.2%}); "
                 f"{'agrees' if agree else 'DISAGREES'} within 3 s.e."
             )
         else:
@@ -768,7 +775,8 @@ def compute_truths(settings: Settings, tools_for, cache_dir, results: dict) -> d
         ):  # its operator: batch Hessians averaged with equal weights
             info["eigenthings_trace"] = float(np.mean(per_batch))
             info["check"] += (
-                f"; hessian-eigenthings' operator (equal batch weights) has trace {info['eigenthings_trace']:.6g} "
+                "; hessian-eigenthings' operator (equal batch weights) has trace "
+                f"{info['eigenthings_trace']:.6g} "
                 f"({(info['eigenthings_trace'] - info['trace']) / info['trace']:+.2%})"
             )
         truths[model_name] = info
@@ -817,8 +825,9 @@ def targets_summary(results, settings) -> list[list[str]]:
                 rows.append(
                     [
                         f"trace to 1% ({model}): ≥3× less time than the fastest peer",
-                        f"ours {best_ours['method']} {best_ours[1e-2]['seconds']:.3g} s ({fmt(best_ours[1e-2]['hvps'])} HVPs) vs "
-                        f"{best_peer['tool']} {best_peer['method']} {best_peer[1e-2]['seconds']:.3g} s ({fmt(best_peer[1e-2]['hvps'])} HVPs): "
+                        f"ours {best_ours['method']} {best_ours[1e-2]['seconds']:.3g} s "
+                        f"({fmt(best_ours[1e-2]['hvps'])} HVPs) vs {best_peer['tool']} {best_peer['method']} "
+                        f"{best_peer[1e-2]['seconds']:.3g} s ({fmt(best_peer[1e-2]['hvps'])} HVPs): "
                         f"peer time / our time = {speedup:.2f}",
                         "met" if speedup >= 3 else f"MISSED ({3 / speedup:.1f}× short)",
                     ]
@@ -853,7 +862,8 @@ def targets_summary(results, settings) -> list[list[str]]:
                 ok &= ours6 is not None and ours6["hvps"] <= eigsh[t6]["hvps"]
             if power and power[t6]:
                 parts.append(
-                    f"PyHessian power {fmt(power[t6]['hvps'])} ({power[t6]['hvps'] / ours6['hvps']:.1f}× ours)"
+                    f"PyHessian power {fmt(power[t6]['hvps'])} "
+                    f"({power[t6]['hvps'] / ours6['hvps']:.1f}× ours)"
                     if ours6
                     else ""
                 )
@@ -887,7 +897,8 @@ def targets_summary(results, settings) -> list[list[str]]:
                 rows.append(
                     [
                         f"block of probes ≤1.5× one gradient per probe ({r['model']}, {r['tool']})",
-                        f"best K={best_k}: {ratio:.2f}× (K={K}: {r['per_probe_s'][K] / r['gradient_s']:.2f}×)",
+                        f"best K={best_k}: {ratio:.2f}× "
+                        f"(K={K}: {r['per_probe_s'][K] / r['gradient_s']:.2f}×)",
                         "met" if ratio <= 1.5 else "MISSED",
                     ]
                 )
@@ -896,7 +907,8 @@ def targets_summary(results, settings) -> list[list[str]]:
             if r["tool"].startswith("ours"):
                 rows.append(
                     [
-                        f"peak memory flat ×{settings.memory_scales[0]}→×{settings.memory_scales[-1]} ({r['tool']})",
+                        f"peak memory flat ×{settings.memory_scales[0]}→×{settings.memory_scales[-1]} "
+                        f"({r['tool']})",
                         f"peak RSS ratio {r['ratio']:.3f}",
                         "met" if r["ratio"] <= 1.10 else "MISSED",
                     ]
@@ -948,9 +960,10 @@ def write_report(results: dict, settings: Settings, out: Path, command: str):
             "## 1. Trace: cheapest setting at which every seed is within 1% / 0.1% of the true trace",
             "",
             f"{settings.seeds} seeds per setting; time and HVPs are means over the seeds; "
-            "`not reached` = no swept setting got every seed within the target (the fraction is the best seen). "
-            "With 5 seeds the all-seeds rule is noisy near a threshold: one seed at 1.1% moves a method to the next "
-            "(2× dearer) budget; the per-budget median and worst errors are in bench_peers.json and the figure.",
+            "`not reached` = no swept setting got every seed within the target (the fraction is the best "
+            "seen). With 5 seeds the all-seeds rule is noisy near a threshold: one seed at 1.1% moves a "
+            "method to the next (2× dearer) budget; the per-budget median and worst errors are in "
+            "bench_peers.json and the figure.",
             "",
             md_table(TRACE_COLUMNS, trace_table(results)),
             "",
@@ -961,9 +974,10 @@ def write_report(results: dict, settings: Settings, out: Path, command: str):
         parts += [
             "## 2. Top eigenvalues within 1e-6 relative of the truth (float64 models, every tool)",
             "",
-            f"{settings.eigen_seeds} seeds; HVPs and time are means over the seeds at the loosest setting at which every "
-            "seed's top-k eigenvalues are all within the target; `vs eigsh` / `vs power` divide by the HVPs of scipy eigsh "
-            "(on curvlinops' operator) / PyHessian's power iteration at the same target.",
+            f"{settings.eigen_seeds} seeds; HVPs and time are means over the seeds at the loosest setting "
+            "at which every seed's top-k eigenvalues are all within the target; `vs eigsh` / `vs power` "
+            "divide by the HVPs of scipy eigsh (on curvlinops' operator) / PyHessian's power iteration at "
+            "the same target.",
             "",
             md_table(EIGEN_COLUMNS, eigen_table(results)),
             "",

@@ -385,7 +385,8 @@ class Eigenthings(Tool):
             res = he.lanczos(op, k=k, max_iter=int(min(m, dim - 1)), which="LA", seed=seed)
             return np.sort(np.asarray(res.eigenvalues.cpu(), dtype=float))[::-1]
 
-        # its error floor is set by its operator (equal batch weights), not by max_iter: a short sweep shows it
+        # its error floor is set by its operator (equal batch weights), not by max_iter: a short sweep
+        # shows it
         return {"lanczos (max_iter=m)": EigenConfig(run, [max(k, 2) * f for f in (1, 2, 4, 8)], "max_iter")}
 
 

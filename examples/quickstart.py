@@ -57,6 +57,7 @@ print(
 
 s = ht.noise_stability(model, nn.functional.cross_entropy, data, sigma=1e-2, n_samples=32, seed=0)
 print(
-    f"noise stability at σ=0.01: {s.estimate:.4g} ± {1.96 * s.stderr:.2g} (σ²/2·Tr H = {1e-4 / 2 * t.estimate:.4g})"
+    f"noise stability at σ=0.01: {s.estimate:.4g} ± {1.96 * s.stderr:.2g} "
+    f"(σ²/2·Tr H = {1e-4 / 2 * t.estimate:.4g})"
 )
 print(t.to_json()[:120], "...")

@@ -174,7 +174,8 @@ def _check_samples(n_samples, antithetic: bool) -> int:
     n_samples = check_integer("n_samples", n_samples, 4 if antithetic else 2)
     if antithetic and n_samples % 2:
         raise ValueError(
-            f"with antithetic=True n_samples counts evaluations in (+U, −U) pairs and must be even, got {n_samples}"
+            "with antithetic=True n_samples counts evaluations in (+U, −U) pairs and must be even, "
+            f"got {n_samples}"
         )
     return n_samples
 

@@ -117,7 +117,8 @@ def user_module(tmp_path, monkeypatch):
             return DataBundle((X[:15], torch.arange(15) % 2), (X[15:], torch.arange(5) % 2), 2, "mine")
 
         def as_dict():
-            return {"train": ([[0.0, 1.0], [1.0, 0.0]], [0, 1]), "test": ([[0.5, 0.5]], [1]), "num_classes": 2}
+            return {"train": ([[0.0, 1.0], [1.0, 0.0]], [0, 1]), "test": ([[0.5, 0.5]], [1]),
+                    "num_classes": 2}
 
         def missing_key():
             return {"train": ([[0.0]], [0])}

@@ -67,7 +67,8 @@ USER_MODULE = textwrap.dedent("""
 
     def batch_list():
         ids, mask, y = _text(24, 0)
-        return [({"input_ids": ids[i:i + 10], "attention_mask": mask[i:i + 10]}, y[i:i + 10]) for i in (0, 10, 20)]
+        return [({"input_ids": ids[i:i + 10], "attention_mask": mask[i:i + 10]}, y[i:i + 10])
+                for i in (0, 10, 20)]
 
     def one_shot():
         return (batch for batch in batch_list())

@@ -250,7 +250,8 @@ def test_factory_model_runs_and_rebuilds(tmp_path, monkeypatch):
         "import torch\n"
         "def net(num_classes, width=5):\n"
         "    m = torch.nn.Module()\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Tanh(), torch.nn.Linear(width, num_classes))\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Tanh(), "
+        "torch.nn.Linear(width, num_classes))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     run = train(config(model="ht_train_user:net", model_kwargs={"width": 7}, epochs=1), tmp_path / "run")

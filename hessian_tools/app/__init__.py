@@ -5,7 +5,8 @@ operators, estimators and bounds, and turns their results into reports and figur
 
 * :mod:`.zoo` — the embedded models (MLP, small CNN, small ResNet) and datasets (digits, synthetic);
 * :mod:`.runs` — seeded, resumable training runs that write run folders;
-* :mod:`.io`, :mod:`.checkpoints` — atomic writes, safe (weights-only) checkpoint loading, run-folder resolution;
+* :mod:`.io`, :mod:`.checkpoints` — atomic writes, safe (weights-only) checkpoint loading, run-folder
+  resolution;
 * :mod:`.pipeline`, :mod:`.curves`, :mod:`.demo`, :mod:`.experiments` — the analyses and experiments;
 * :mod:`.report`, :mod:`.plots` — markdown tables and figures, drawn from results only;
 * :mod:`.cli` — the ``hessian-tools`` command.

@@ -181,7 +181,9 @@ def _diagonal(ctx) -> dict:
 
 
 def _require_class_labels(data) -> None:
-    """The certificate bounds the 0-1 classification error: refuse, in one line, targets that are not labels."""
+    """The certificate bounds the 0-1 classification error: refuse, in one line, targets that are not
+    labels.
+    """
     from ..errors import DataError
     from ..operators.data_source import BatchSource
 
@@ -265,7 +267,8 @@ def stability_rows(parts: Mapping) -> list[Row]:
         rows.append(
             [
                 f"noise stability σ={fmt(sigma, 2)}",
-                f"{pm(s['measured'][i], Z95 * s['measured_stderr'][i])} (σ²/2·Tr H = {fmt(s['predicted'][i])})",
+                f"{pm(s['measured'][i], Z95 * s['measured_stderr'][i])} "
+                f"(σ²/2·Tr H = {fmt(s['predicted'][i])})",
                 f"95% CI, {s['n_samples']} evaluations{' antithetic' if s['antithetic'] else ''}, "
                 f"ratio {fmt(s['ratio'][i], 3)}{holds}",
                 "",

@@ -47,7 +47,8 @@ EPILOG_MATRIX = """examples:
   hessian-tools matrix-sensing --d 20 --r 2 --steps 500 --out /tmp/ms"""
 EPILOG_TRAIN = """examples:
   hessian-tools train --model resnet --data builtin:digits-pretrain --epochs 12 --out runs/pretrain
-  hessian-tools train --method nso --sigma 0.01 --init runs/pretrain/final.pt --data builtin:digits-finetune --out runs/nso-s0"""
+  hessian-tools train --method nso --sigma 0.01 --init runs/pretrain/final.pt \
+--data builtin:digits-finetune --out runs/nso-s0"""
 
 
 class UsageError(Exception):
@@ -535,7 +536,8 @@ def _analyze_and_print(args, loaded, settings, prior_trainer=None) -> int:
     except KeyboardInterrupt:
         if state_file is not None and state_file.is_file():
             print(
-                f"note: the work done so far is in {state_file}; run the same command with --resume to continue",
+                f"note: the work done so far is in {state_file}; "
+                "run the same command with --resume to continue",
                 file=sys.stderr,
             )
         raise
@@ -583,7 +585,8 @@ def cmd_compare(args) -> int:
         bounds = _certify_all(loaded_by_name, settings, progress) if args.bound else None
     print(text_table(comparison_header(bounds is not None), comparison_rows(result, bounds)))
     print(
-        f"\nsame probes for every checkpoint (seed {args.seed}, {args.max_hvps} HVPs each, {args.trace_method})"
+        f"\nsame probes for every checkpoint (seed {args.seed}, {args.max_hvps} HVPs each, "
+        f"{args.trace_method})"
     )
     if bounds:
         print(f"bounds: {bound_note(bounds, settings)}")
@@ -668,8 +671,9 @@ def cmd_train(args) -> int:
     def report(record):
         if not quiet:
             print(
-                f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
-                f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.3f} ({record['wall_time_s']:.1f} s)",
+                f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
+                f"acc {record['train_acc']:.3f} | test loss {record['test_loss']:.4f} "
+                f"acc {record['test_acc']:.3f} ({record['wall_time_s']:.1f} s)",
                 file=sys.stderr,
             )
 

@@ -4,8 +4,8 @@
 2. Fine-tune it on the low-sample split of digits 5–9 (50 images per class) with SGD, SAM and
    NSO, several seeds each, from the same pre-trained weights (a freshly initialised head).
 3. Analyse every final checkpoint (trace with CI, top-5 and smallest eigenvalues, SLQ density,
-   noise stability vs σ, PAC-Bayes certificate with a data-dependent prior, and Hessian measures) and every epoch's
-   checkpoint more cheaply (trace and λmax: the sharpness curve).
+   noise stability vs σ, PAC-Bayes certificate with a data-dependent prior, and Hessian measures) and
+   every epoch's checkpoint more cheaply (trace and λmax: the sharpness curve).
 4. Write ``results.json`` (every result, with its error bars, seeds and HVP counts), ``report.md``
    and the figures. Finished pieces are saved as they complete; ``resume=True`` skips them.
 """

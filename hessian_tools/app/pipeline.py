@@ -130,9 +130,9 @@ class CheckpointAnalysis(Result):
     ``train_loss``/``train_acc``/``test_acc`` are exact (full passes, eval mode). ``hvps`` is the
     total number of Hessian-vector products spent on this checkpoint. ``parts`` holds the results of
     the analyses run, by part name (``trace``, ``top``, ``bottom``, ``density``, ``stability``,
-    ``certificate``, ``measures``, ``diagonal``; see :mod:`hessian_tools.app.analyses`); each is also readable as
-    an attribute (``analysis.trace``, None when not computed) and sits at the top level of the JSON
-    form, as in files written by earlier versions.
+    ``certificate``, ``measures``, ``diagonal``; see :mod:`hessian_tools.app.analyses`); each is also
+    readable as an attribute (``analysis.trace``, None when not computed) and sits at the top level
+    of the JSON form, as in files written by earlier versions.
     """
 
     kind: ClassVar[str] = "checkpoint_analysis"
@@ -355,7 +355,9 @@ def _log_fits(analysis, settings: AnalysisSettings, op, say) -> bool:
 
 
 def _monitored(op, analysis, settings: AnalysisSettings, progress, replayed: int):
-    """``op`` reporting HVPs done / budget, HVPs/s and the time left to ``progress`` (``op`` itself when quiet)."""
+    """``op`` reporting HVPs done / budget, HVPs/s and the time left to ``progress`` (``op`` itself when
+    quiet).
+    """
     from ..operators.recording import MonitoredOperator
 
     if progress is None:

@@ -332,7 +332,8 @@ def plot_sharpness_curves(runs, out_dir, name: str = "sharpness_curves") -> list
         + _seeds_note(
             counts,
             "bands: 95% t-interval over seeds",
-            r"bands: $\pm1.96\,$stderr of the trace estimate, $\pm$ Lanczos residual bound of $\lambda_{\max}$",
+            r"bands: $\pm1.96\,$stderr of the trace estimate, "
+            r"$\pm$ Lanczos residual bound of $\lambda_{\max}$",
         ),
     )
     return _save(fig, out_dir, name)
@@ -823,7 +824,8 @@ class _quiet:
 def plot_demo(results, out_dir) -> list[Path]:
     """Figures 1–5 for the demo results dict (``hessian_tools.demo.run_demo``): sharpness curves,
     eigenvalue density, noise stability, the trace/λmax bars and the bound vs the trace. The density and
-    stability figures are skipped when no run's analysis holds that result (the analysis settings left it out).
+    stability figures are skipped when no run's analysis holds that result (the analysis settings left it
+    out).
     """
     results = _plain(results)
     if not isinstance(results, Mapping) or "runs" not in results:

@@ -171,7 +171,9 @@ def method_summary(runs: Sequence[Mapping]) -> dict[str, dict[str, tuple[float, 
 
 
 def demo_markdown(results: Mapping, figures: Sequence[str] = ()) -> str:
-    """The demo's report.md: per-method table (mean ± 95% CI over seeds), NSO's reductions, per-run details."""
+    """The demo's report.md: per-method table (mean ± 95% CI over seeds), NSO's reductions, per-run
+    details.
+    """
     runs = results["runs"]
     summary = method_summary(runs)
     cfg = results["config"]
@@ -181,11 +183,12 @@ def demo_markdown(results: Mapping, figures: Sequence[str] = ()) -> str:
         "",
         f"Model: small ResNet (`{cfg['model']}`), pre-trained on digits 0–4 "
         f"(final test accuracy {fmt(results['pretrain']['test_acc'])}), fine-tuned on digits 5–9 with "
-        f"{cfg['per_class']} images per class (n = {results['data']['n_train']}; test n = {results['data']['n_test']}), "
-        f"{cfg['finetune_epochs']} epochs, lr {cfg['lr']} ({cfg.get('schedule', 'constant')}), batch {cfg['batch_size']}; "
+        f"{cfg['per_class']} images per class (n = {results['data']['n_train']}; "
+        f"test n = {results['data']['n_test']}), {cfg['finetune_epochs']} epochs, lr {cfg['lr']} "
+        f"({cfg.get('schedule', 'constant')}), batch {cfg['batch_size']}; "
         f"NSO σ = {cfg['sigma']}, k = {cfg['k']}; "
-        f"SAM ρ = {cfg['rho']}. {seeds} seeds per method. Curvature of the training cross-entropy over the whole "
-        f"fine-tuning set (BatchNorm in eval mode). Wall time {results['wall_time_s']:.0f} s.",
+        f"SAM ρ = {cfg['rho']}. {seeds} seeds per method. Curvature of the training cross-entropy over the "
+        f"whole fine-tuning set (BatchNorm in eval mode). Wall time {results['wall_time_s']:.0f} s.",
         "",
         *_violation_banner(runs),
         "## Per method (mean ± 95% CI over seeds)",
@@ -208,10 +211,11 @@ def demo_markdown(results: Mapping, figures: Sequence[str] = ()) -> str:
             "",
             markdown_table(["comparison", "quantity", "paired by seed", "seeds NSO lower", "unpaired"], rows),
             "",
-            "Negative = NSO is lower (flatter, for curvature). *Paired by seed*: runs with the same seed share the "
-            "head initialisation and the data order, so the per-seed ratio NSO/baseline − 1 removes most of the "
-            "seed-to-seed spread; mean ± t-interval over seeds. *Unpaired*: ratio of the means, delta method. "
-            "Both intervals include each estimate's own error bar through the seed-to-seed spread.",
+            "Negative = NSO is lower (flatter, for curvature). *Paired by seed*: runs with the same seed "
+            "share the head initialisation and the data order, so the per-seed ratio NSO/baseline − 1 "
+            "removes most of the seed-to-seed spread; mean ± t-interval over seeds. *Unpaired*: ratio of "
+            "the means, delta method. Both intervals include each estimate's own error bar through the "
+            "seed-to-seed spread.",
             "",
         ]
     lines += _certificate_section(runs, cfg)
@@ -410,9 +414,11 @@ def _violation_banner(runs: Sequence[Mapping]) -> list[str]:
 
 
 MEASUREMENT_NOTES = """\
-- **Trace**: Hutch++ (Meyer et al. 2021) with a sequential stop at 95% half-width ≤ rtol·|estimate|; the error bar is
+- **Trace**: Hutch++ (Meyer et al. 2021) with a sequential stop at 95% half-width \
+≤ rtol·|estimate|; the error bar is
   the residual Hutchinson samples' standard error, conditional on the sketch.
-- **λmax, λmin**: thick-restart Lanczos with full reorthogonalisation; the residual ‖Hv − λv‖ bounds the distance to a
+- **λmax, λmin**: thick-restart Lanczos with full reorthogonalisation; the residual \
+‖Hv − λv‖ bounds the distance to a
   true eigenvalue.
 - **Density**: stochastic Lanczos quadrature (Ubaru et al. 2017; Ghorbani et al. 2019), Gaussian-smoothed.
 - **Noise stability**: E[f(W+U)] − f(W), U ~ N(0, σ²I), antithetic pairs, next to σ²/2·Tr(H).

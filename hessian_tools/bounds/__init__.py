@@ -1,4 +1,6 @@
-"""Generalization bounds: the PAC-Bayes calculator, certificates for checkpoints, and Hessian-based measures."""
+"""Generalization bounds: the PAC-Bayes calculator, certificates for checkpoints, and Hessian-based
+measures.
+"""
 
 from .batchnorm import fold_batchnorm
 from .posterior import DEFAULT_LAMBDA_GRID, optimised_certificate, split_for_prior

@@ -62,14 +62,16 @@ def _prior_vector(model: nn.Module, prior_state, evaluator: PerturbedEvaluator) 
     """
     if not isinstance(prior_state, Mapping):
         raise TypeError(
-            f"prior_state must be a state_dict (a mapping of names to tensors), got {type(prior_state).__name__}; "
+            "prior_state must be a state_dict (a mapping of names to tensors), "
+            f"got {type(prior_state).__name__}; "
             "load a checkpoint file with hessian_tools.app.checkpoints.load_state_dict"
         )
     params = dict(model.named_parameters())
     missing = [k for k in params if k not in prior_state]
     if missing:
         raise CheckpointError(
-            f"prior_state does not fit the model: {len(missing)} parameter(s) missing, first: {', '.join(missing[:3])}"
+            f"prior_state does not fit the model: {len(missing)} parameter(s) missing, "
+            f"first: {', '.join(missing[:3])}"
         )
     bad = [
         f"{k}: prior {tuple(prior_state[k].shape)} vs model {tuple(p.shape)}"
@@ -88,7 +90,8 @@ def _prior_vector(model: nn.Module, prior_state, evaluator: PerturbedEvaluator) 
     ]
     if moved:
         raise ValueError(
-            f"parameter(s) not in the perturbed selection differ from the prior state ({', '.join(moved[:3])}): "
+            "parameter(s) not in the perturbed selection differ from the prior state "
+            f"({', '.join(moved[:3])}): "
             "the posterior would be a point mass away from the prior there (KL = ∞); select them too"
         )
     return torch.cat(

@@ -1,7 +1,8 @@
 """Hessian-based generalization MEASURES of a checkpoint relative to its prior weights — not certificates.
 
 Each replaces a sampled quantity by a Taylor approximation or drops constants, so none is a bound that
-holds with probability 1 − δ; the certificate is :func:`hessian_tools.bounds.certificate.pac_bayes_certificate`.
+holds with probability 1 − δ; the certificate is
+:func:`hessian_tools.bounds.certificate.pac_bayes_certificate`.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def _block_traces(trace_result: TraceResult, blocks) -> list[tuple[float, float]
     if trace_result.blocks:
         if [b.name for b in trace_result.blocks] != [b.name for b in blocks]:
             raise ValueError(
-                "trace_result's per-block traces do not match the operator's blocks (another parameter selection?)"
+                "trace_result's per-block traces do not match the operator's blocks "
+                "(another parameter selection?)"
             )
         return [(float(b.estimate), float(b.stderr)) for b in trace_result.blocks]
     if len(blocks) == 1:

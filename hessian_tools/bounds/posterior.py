@@ -512,7 +512,8 @@ def _coordinates(model: nn.Module, prior_state, prior_groups, variance: str) -> 
     return _Coordinates(
         model=posterior_model, folded=folded, named=named, blocks=blocks, w=w, w0=_flat(prior_model),
         group=block_group[block_of], group_names=group_names,
-        var_index=block_of if per_layer else torch.arange(w.numel()), units=len(blocks) if per_layer else w.numel(),
+        var_index=block_of if per_layer else torch.arange(w.numel()),
+        units=len(blocks) if per_layer else w.numel(),
     )  # fmt: skip
 
 

@@ -27,7 +27,8 @@ def paired_difference(name_a: str, a: TraceResult, name_b: str, b: TraceResult) 
     """Paired difference of two trace results made with the same seed, method and budget."""
     if (a.seed, a.method, a.n_probes) != (b.seed, b.method, b.n_probes) or not a.samples:
         raise ValueError(
-            "a paired comparison needs two results with the same seed, method and number of probes, with samples kept"
+            "a paired comparison needs two results with the same seed, method and number of probes, "
+            "with samples kept"
         )
     sa, sb = np.asarray(a.samples), np.asarray(b.samples)
     n = len(sa)

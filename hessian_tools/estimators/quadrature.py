@@ -129,7 +129,8 @@ def _gauss_rule(state: BatchedLanczos, fn, rows: torch.Tensor) -> tuple[torch.Te
     values = torch.as_tensor(fn(nodes), dtype=torch.float64, device=nodes.device)
     if values.shape != nodes.shape:
         raise ValueError(
-            f"f must map a tensor of nodes to a tensor of the same shape, got {tuple(values.shape)} for {tuple(nodes.shape)}"
+            "f must map a tensor of nodes to a tensor of the same shape, "
+            f"got {tuple(values.shape)} for {tuple(nodes.shape)}"
         )
     out[idx] = (weights * values).sum(1).to(out.device)
     real = weights > 0  # padding nodes have weight 0

@@ -34,7 +34,8 @@ def trace(
 ) -> TraceResult:
     """Estimate tr(H) of any operator (``dim`` + ``matmat``).
 
-    ``method``: one of ``METHODS`` (default ``DEFAULT_METHOD``, adaptive XTrace; ``"hutchinson"`` with a control variate).
+    ``method``: one of ``METHODS`` (default ``DEFAULT_METHOD``, adaptive XTrace; ``"hutchinson"`` with a
+    control variate).
     ``control_variate``: ``None``, ``"ggn"`` (the GGN of a HessianOperator's model, loss and data) or
     a GGN/Fisher operator G: returns a ControlVariateTraceResult, exact tr(G) + Hutchinson on H − G
     (``max_hvps`` then counts both products of every residual probe and the exact trace's passes).

@@ -67,7 +67,8 @@ class LinearOperator:
         """The full (dim × dim) matrix, ``block`` columns per product, symmetrised (small operators only)."""
         if self.dim > max_dim:
             raise ValueError(
-                f"dense() would build a {self.dim}×{self.dim} matrix; raise max_dim above {max_dim} if you mean it"
+                f"dense() would build a {self.dim}×{self.dim} matrix; "
+                f"raise max_dim above {max_dim} if you mean it"
             )
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
         A = torch.cat([self.matmat(eye[:, i : i + block]) for i in range(0, self.dim, block)], dim=1)

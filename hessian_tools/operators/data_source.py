@@ -67,7 +67,8 @@ class BatchSource:
             iter(data)
         except TypeError:
             raise DataError(
-                f"data must be an (X, y) pair or an iterable of (inputs, targets) batches, got {type(data).__name__}"
+                "data must be an (X, y) pair or an iterable of (inputs, targets) batches, "
+                f"got {type(data).__name__}"
             ) from None
         self.data = data
         self.allow_empty = allow_empty

@@ -221,7 +221,8 @@ def shard(data: Any, rank: int, world_size: int):
         iter(data)
     except TypeError:
         raise DataError(
-            f"data must be an (X, y) pair or an iterable of (inputs, targets) batches, got {type(data).__name__}"
+            "data must be an (X, y) pair or an iterable of (inputs, targets) batches, "
+            f"got {type(data).__name__}"
         ) from None
     return _RoundRobin(data, rank, world_size)
 

@@ -50,8 +50,8 @@ def model_output(outputs: Any) -> torch.Tensor:
     if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
         return outputs[0]
     raise TypeError(
-        f"the model returned a {type(outputs).__name__}; expected a tensor, a dict with 'logits', an object with "
-        ".logits, or a tuple whose first item is a tensor"
+        f"the model returned a {type(outputs).__name__}; expected a tensor, a dict with 'logits', "
+        "an object with .logits, or a tuple whose first item is a tensor"
     )
 
 

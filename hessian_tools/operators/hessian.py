@@ -33,7 +33,8 @@ from .params import flatten
 BACKENDS = ("auto", "func", "autograd")
 SMALL_BLOCK = 2  # with backend="auto", blocks of at most this many columns use the double backward
 # Columns per vmap / batched backward. Larger chunks fall out of cache: measured per probe at K=64,
-# as multiples of one gradient, unchunked → chunks of 16: CNN 2.97 → 1.34, ResNet 4.73 → 2.11, MLP 3.03 → 2.33.
+# as multiples of one gradient, unchunked → chunks of 16: CNN 2.97 → 1.34, ResNet 4.73 → 2.11,
+# MLP 3.03 → 2.33.
 DEFAULT_CHUNK = 16
 
 

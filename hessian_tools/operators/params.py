@@ -94,7 +94,8 @@ def select_parameters(model: nn.Module, params=None) -> list[tuple[str, nn.Param
             raise ParameterSelectionError("the parameter selection matches no trainable parameter")
     else:
         raise ParameterSelectionError(
-            f"params must be None, a regex string, or a list of names/modules/parameters, got {type(params).__name__}"
+            "params must be None, a regex string, or a list of names/modules/parameters, "
+            f"got {type(params).__name__}"
         )
     return chosen
 

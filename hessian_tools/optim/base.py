@@ -93,7 +93,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         elif generator.device.type != "cpu":
             raise ValueError(
-                f"generator must be a CPU torch.Generator (noise is drawn on the CPU), got device {generator.device}"
+                "generator must be a CPU torch.Generator (noise is drawn on the CPU), "
+                f"got device {generator.device}"
             )
         self._method_defaults = dict(method_defaults or {})
         defaults = {**self._method_defaults, **base_kwargs}
@@ -142,7 +143,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         """
         if closure is None:
             raise ValueError(
-                f"{type(self).__name__}.step needs a closure that runs forward + backward and returns the loss"
+                f"{type(self).__name__}.step needs a closure that runs forward + backward "
+                "and returns the loss"
             )
         params = self._params()
         loss, grads = self._estimate_gradient(closure, params)

@@ -147,7 +147,8 @@ class DataBundle:
             and train[0].shape[1:] != test[0].shape[1:]
         ):
             raise DataError(
-                f"{self.name}: train samples have shape {tuple(train[0].shape[1:])} but test samples {tuple(test[0].shape[1:])}"
+                f"{self.name}: train samples have shape {tuple(train[0].shape[1:])} "
+                f"but test samples {tuple(test[0].shape[1:])}"
             )
 
     @property
@@ -236,7 +237,8 @@ def _check_samples(X: Any, y: torch.Tensor, which: str, name: str) -> None:
         where = "X" if key is None else f"X[{key!r}]"
         if column.ndim < (2 if key is None else 1):
             raise DataError(
-                f"{name}: {which} {where} must have a batch dimension and features, got shape {tuple(column.shape)}"
+                f"{name}: {which} {where} must have a batch dimension and features, "
+                f"got shape {tuple(column.shape)}"
             )
         if column.shape[0] != y.shape[0]:
             raise DataError(f"{name}: {which} y must have shape ({column.shape[0]},), got {tuple(y.shape)}")
@@ -296,7 +298,8 @@ def digits_pretrain(seed: int = 0) -> DataBundle:
 
 
 def digits_finetune(seed: int = 0, per_class: int = 50) -> DataBundle:
-    """Digits 5–9 relabelled 0–4: ``per_class`` seeded samples of each class to train on, all the rest to test.
+    """Digits 5–9 relabelled 0–4: ``per_class`` seeded samples of each class to train on, all the rest to
+    test.
 
     The low-sample fine-tuning setting: pre-train on :func:`digits_pretrain` (classes 0–4), then
     fine-tune on few samples of the disjoint classes 5–9.
@@ -308,7 +311,8 @@ def digits_finetune(seed: int = 0, per_class: int = 50) -> DataBundle:
     smallest = int(torch.bincount(y, minlength=5).min())
     if not 1 <= per_class < smallest:
         raise DataError(
-            f"digits-finetune: per_class must be in [1, {smallest - 1}] (the smallest class has {smallest} samples), got {per_class}"
+            f"digits-finetune: per_class must be in [1, {smallest - 1}] "
+            f"(the smallest class has {smallest} samples), got {per_class}"
         )
     gen = torch.Generator().manual_seed(int(seed))
     train_idx, test_idx = [], []
@@ -330,7 +334,8 @@ def synthetic_classification(
     """
     if n < 2 * num_classes or d < 1 or num_classes < 2:
         raise DataError(
-            f"synthetic: need n ≥ 2·num_classes, d ≥ 1, num_classes ≥ 2; got n={n}, d={d}, num_classes={num_classes}"
+            "synthetic: need n ≥ 2·num_classes, d ≥ 1, num_classes ≥ 2; "
+            f"got n={n}, d={d}, num_classes={num_classes}"
         )
     gen = torch.Generator().manual_seed(int(seed))
     means = separation * torch.randn(num_classes, d, generator=gen)
@@ -370,19 +375,23 @@ def _parse_options(query: str, spec: str) -> dict[str, Any]:
 
 
 def load_data(spec: str) -> DataBundle:
-    """Load the data named by ``spec`` (see the module docstring); one-line :class:`DataError` on a bad spec."""
+    """Load the data named by ``spec`` (see the module docstring); one-line :class:`DataError` on a bad
+    spec.
+    """
     if isinstance(spec, DataBundle):
         return spec
     if not isinstance(spec, str) or ":" not in spec:
         raise DataError(
-            f"data spec must be 'builtin:NAME' ({', '.join('builtin:' + k for k in BUILTIN_DATA)}) or 'module:function', got {spec!r}"
+            f"data spec must be 'builtin:NAME' ({', '.join('builtin:' + k for k in BUILTIN_DATA)}) "
+            f"or 'module:function', got {spec!r}"
         )
     if spec.startswith("builtin:"):
         body = spec[len("builtin:") :]
         name, _, query = body.partition("?")
         if name not in BUILTIN_DATA:
             raise DataError(
-                f"unknown builtin dataset {name!r} in {spec!r}; choose one of {', '.join('builtin:' + k for k in BUILTIN_DATA)}"
+                f"unknown builtin dataset {name!r} in {spec!r}; "
+                f"choose one of {', '.join('builtin:' + k for k in BUILTIN_DATA)}"
             )
         options = _parse_options(query, spec)
         try:
@@ -436,7 +445,8 @@ def _bundle_from_dict(out: Mapping, spec: str) -> DataBundle:
     missing = [k for k in required if k not in out]
     if missing:
         raise DataError(
-            f"data loader {spec} returned a dict without {', '.join(missing)}; it needs train, test, num_classes"
+            f"data loader {spec} returned a dict without {', '.join(missing)}; "
+            "it needs train, test, num_classes"
         )
     return DataBundle(out["train"], out.get("test"), out.get("num_classes"), str(out.get("name", spec)))
 

@@ -80,7 +80,8 @@ class MLP(nn.Module):
         x = x.flatten(1)
         if x.shape[1] != self.in_features:
             raise ValueError(
-                f"MLP expects {self.in_features} input features, got {x.shape[1]} (input shape {tuple(x.shape)})"
+                f"MLP expects {self.in_features} input features, got {x.shape[1]} "
+                f"(input shape {tuple(x.shape)})"
             )
         return self.head(self.body(x))
 
@@ -246,7 +247,8 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
         side = math.isqrt(x.shape[1])
         return x.reshape(x.shape[0], 1, side, side)
     raise ValueError(
-        f"convolutional models expect images (N, C, H, W) or flat square images (N, H·W), got shape {tuple(x.shape)}"
+        "convolutional models expect images (N, C, H, W) or flat square images (N, H·W), "
+        f"got shape {tuple(x.shape)}"
     )
 
 
@@ -367,7 +369,9 @@ def load_factory(spec: str, error: type[Exception] = ModelSpecError) -> Callable
 def seeded_build(
     seed: int, name: str, num_classes: int, input_shape: Sequence[int] | None = None, **kw
 ) -> nn.Module:
-    """:func:`build_model` with the initialisation drawn from ``manual_seed(seed)``, leaving the global RNG as it was."""
+    """:func:`build_model` with the initialisation drawn from ``manual_seed(seed)``, leaving the global RNG
+    as it was.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return build_model(name, num_classes, input_shape=input_shape, **kw)
