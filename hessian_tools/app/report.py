@@ -291,7 +291,7 @@ CERTIFICATE_HEADER = [
     "λ",
     "posterior test error (95% CI)",
     "checkpoint test error",
-    "seed",
+    "Monte-Carlo seed",
     "time (s)",
 ]
 
