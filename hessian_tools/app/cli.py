@@ -154,7 +154,9 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--no-resume", action="store_true", help="recompute finished pieces instead of reusing them"
     )
-    _common(p, json_out=False)
+    # One thread: the demo's models are tiny, and two threads on a 2-core machine where anything else
+    # runs stalled every parallel region (measured: 0.1 s → 5–15 s per epoch).
+    _common(p, json_out=False, threads_default=1)
     p.set_defaults(func=cmd_demo)
 
 
