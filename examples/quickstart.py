@@ -13,27 +13,20 @@ from hessian_tools.app.zoo.data import load_digits
 torch.manual_seed(0)
 X, y = load_digits()  # 1,797 images 1×8×8, labels 0–9
 model = nn.Sequential(
-    nn.Conv2d(1, 8, 3, padding=1),
-    nn.ReLU(),
-    nn.MaxPool2d(2),
-    nn.Conv2d(8, 16, 3, padding=1),
-    nn.ReLU(),
-    nn.MaxPool2d(2),
-    nn.Flatten(),
-    nn.Linear(64, 10),
-)
+    nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    nn.Flatten(), nn.Linear(64, 10),
+)  # fmt: skip
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 for _ in range(60):  # full-batch Adam: a trained network with the usual few large curvature outliers
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(X), y).backward()
     optimizer.step()
 
-data = [
-    (X[i : i + 512], y[i : i + 512]) for i in range(0, len(y), 512)
-]  # 3×512 + 261 samples: uneven is exact
-op = ht.HessianOperator(
-    model, nn.functional.cross_entropy, data, dtype=torch.float64
-)  # float64: tight eigen tolerances
+# 3×512 + 261 samples: an uneven last batch is weighted exactly
+data = [(X[i : i + 512], y[i : i + 512]) for i in range(0, len(y), 512)]
+# float64: tight eigenvalue tolerances
+op = ht.HessianOperator(model, nn.functional.cross_entropy, data, dtype=torch.float64)
 print(op)
 
 t = ht.trace(op, rtol=0.01, seed=0)  # stops at 95% half-width ≤ 1%

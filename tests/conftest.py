@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from helpers import PROBLEMS, exact_hessian
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
-
-ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
-
-
-def import_analysis_script(name: str):
-    """Import analysis/NAME.py (a benchmark script, which imports its sibling modules by name)."""
-    sys.path.insert(0, str(ANALYSIS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ANALYSIS))
 
 
 @pytest.fixture(params=sorted(PROBLEMS))

@@ -3,7 +3,10 @@ known spectra, and batching. Imported by the test modules (``from helpers import
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +14,17 @@ from torch.func import functional_call, hessian
 
 from hessian_tools.operators.adapters import DenseOperator
 from hessian_tools.operators.params import ParameterBlock
+
+ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
+
+
+def import_analysis_script(name: str):
+    """Import analysis/NAME.py (a benchmark script, which imports its sibling modules by name)."""
+    sys.path.insert(0, str(ANALYSIS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ANALYSIS))
 
 
 def exact_hessian(model: nn.Module, loss_fn, X, y, names=None) -> torch.Tensor:

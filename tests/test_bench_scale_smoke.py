@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import import_analysis_script
+from helpers import import_analysis_script
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DataError, HessianToolsError
+from .data_source import is_single_pair
 from .hessian import HessianOperator
 
 __all__ = [
@@ -202,14 +203,7 @@ def shard(data: Any, rank: int, world_size: int):
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, torch.Tensor) for t in data)
-        and data[0].ndim > 0
-        and data[1].ndim > 0
-        and data[0].shape[0] == data[1].shape[0]
-    ):
+    if is_single_pair(data):
         X, y = data
         piece = torch.tensor_split(torch.arange(X.shape[0]), world_size)[rank]
         return [(X[piece], y[piece])] if piece.numel() else []
