@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..estimators.diagonal import METHODS as DIAGONAL_METHODS
 from ..estimators.paired import PAIRED_METHODS
+from ..estimators.trace import DEFAULT_METHOD as DEFAULT_TRACE_METHOD
 from ..estimators.trace import METHODS as TRACE_METHODS
 from ..optim import BASES, METHODS
 from .analyses import ANALYSES, DEFAULT_ANALYSES, POSTERIORS
@@ -153,7 +154,9 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--no-resume", action="store_true", help="recompute finished pieces instead of reusing them"
     )
-    _common(p, json_out=False)
+    # One thread: the demo's models are tiny, and two threads on a 2-core machine where anything else
+    # runs stalled every parallel region (measured: 0.1 s → 5–15 s per epoch).
+    _common(p, json_out=False, threads_default=1)
     p.set_defaults(func=cmd_demo)
 
 
@@ -175,7 +178,12 @@ def _add_analyze(sub) -> None:
         help="trace: stop at 95%% half-width ≤ rtol·|trace| (default 0.02)",
     )
     _hvp_budget(p, 600, "HVP budget per estimator")
-    p.add_argument("--trace-method", choices=TRACE_METHODS, default="hutchpp")
+    p.add_argument(
+        "--trace-method",
+        choices=TRACE_METHODS,
+        default=DEFAULT_TRACE_METHOD,
+        help=f"trace estimator (default {DEFAULT_TRACE_METHOD}: adaptive, with a jackknife error bar)",
+    )
     p.add_argument(
         "--diag-method",
         choices=DIAGONAL_METHODS,
@@ -399,7 +407,7 @@ def _settings(args, what):
         params=args.params,
         batch_size=args.batch_size,
         seed=args.seed,
-        trace_method=getattr(args, "trace_method", "hutchpp"),
+        trace_method=getattr(args, "trace_method", DEFAULT_TRACE_METHOD),
         trace_rtol=getattr(args, "rtol", 0.02),
         trace_max_hvps=max_hvps,
         eig_max_hvps=max_hvps,

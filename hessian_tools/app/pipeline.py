@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..checks import check_choice, check_integer, check_open_unit_interval
 from ..errors import HessianToolsError
+from ..estimators.trace import DEFAULT_METHOD as DEFAULT_TRACE_METHOD
 from ..operators import HessianOperator
 from ..results import Result, _from_jsonable
 from .analyses import DEFAULT_ANALYSES, PARTS, POSTERIORS, certificate, plan
@@ -76,7 +77,7 @@ class AnalysisSettings:
     params: str | None = None  # regex over parameter names; None = all trainable
     batch_size: int = 512
     seed: int = 0
-    trace_method: str = "hutchpp"
+    trace_method: str = DEFAULT_TRACE_METHOD
     trace_rtol: float | None = 0.02
     trace_max_hvps: int = 600
     eig_k: int = 5

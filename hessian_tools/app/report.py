@@ -291,7 +291,7 @@ CERTIFICATE_HEADER = [
     "λ",
     "posterior test error (95% CI)",
     "checkpoint test error",
-    "seed",
+    "Monte-Carlo seed",
     "time (s)",
 ]
 
@@ -414,12 +414,10 @@ def _violation_banner(runs: Sequence[Mapping]) -> list[str]:
 
 
 MEASUREMENT_NOTES = """\
-- **Trace**: Hutch++ (Meyer et al. 2021) with a sequential stop at 95% half-width \
-≤ rtol·|estimate|; the error bar is
-  the residual Hutchinson samples' standard error, conditional on the sketch.
-- **λmax, λmin**: thick-restart Lanczos with full reorthogonalisation; the residual \
-‖Hv − λv‖ bounds the distance to a
-  true eigenvalue.
+- **Trace**: XTrace (Epperly et al. 2024), exchangeable low-rank sketch + Hutchinson, grown until the
+  95% half-width ≤ rtol·|estimate|; the error bar is the jackknife over probes (conservative).
+- **λmax, λmin**: thick-restart Lanczos with full reorthogonalisation; the residual ‖Hv − λv‖ bounds
+  the distance to a true eigenvalue.
 - **Density**: stochastic Lanczos quadrature (Ubaru et al. 2017; Ghorbani et al. 2019), Gaussian-smoothed.
 - **Noise stability**: E[f(W+U)] − f(W), U ~ N(0, σ²I), antithetic pairs, next to σ²/2·Tr(H).
 - **PAC-Bayes bound**: a certificate on the test error of a network drawn from a Gaussian posterior
