@@ -1,4 +1,6 @@
-"""Helpers shared by the estimators: operator access in float64 and per-block reductions."""
+"""Helpers shared by the estimators: operator access (in float64, or in the operator's own precision
+for estimators whose stored bases scale with the dimension) and per-block reductions.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +12,33 @@ from ..operators.base import LinearOperator
 from ..operators.params import block_numbers
 
 
+def working_dtype(dtype) -> torch.dtype:
+    """The precision an estimator stores dim-sized bases in for an operator of ``dtype``: float64 for
+    float64 (and non-torch) operators, float32 for float32 and half-precision ones. An operator's
+    products carry no more precision than its dtype, so storing them in it loses nothing but memory.
+    """
+    if dtype == torch.float64 or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return torch.float64
+    return torch.float32
+
+
 class CountingOperator(LinearOperator):
     """Wrap an operator for one estimator call: count the HVPs it spends, and hand products back in
-    float64 (V is cast to the operator's dtype for the product).
+    float64 (V is cast to the operator's dtype for the product). With ``native=True`` products come
+    back in :func:`working_dtype` of the operator instead (float32 for a float32 model), for
+    estimators that keep dim × m bases.
     """
 
-    def __init__(self, op):
+    def __init__(self, op, native: bool = False):
         self.op = as_operator(op)
         self.dim = int(self.op.dim)
-        self.dtype = torch.float64
+        self.dtype = working_dtype(self.op.dtype) if native else torch.float64
         self.hvps = 0
         self.device = getattr(self.op, "device", torch.device("cpu"))
         self.blocks = getattr(self.op, "blocks", None)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.op.matmat(V.to(device=self.device, dtype=self.op.dtype)).to(torch.float64)
+        return self.op.matmat(V.to(device=self.device, dtype=self.op.dtype)).to(self.dtype)
 
 
 def block_index(blocks, dim: int, device=None) -> tuple[list[str], torch.Tensor] | tuple[None, None]:
