@@ -41,6 +41,20 @@ class CountingOperator(LinearOperator):
         return self.op.matmat(V.to(device=self.device, dtype=self.op.dtype)).to(self.dtype)
 
 
+#: bytes of one block of probe columns an estimator streams through the operator at a time (the
+#: block and its product each take this much; at least one column, at most the estimator's block)
+STREAM_BYTES = 1 << 28
+
+
+def columns_per_pass(H, most: int) -> int:
+    """How many probe columns of ``H`` (a :class:`CountingOperator`) to multiply at once: the most whose
+    block fits :data:`STREAM_BYTES` in ``H``'s precision, between 1 and ``most``. Splitting a block of
+    probes this way changes neither the probes nor the estimates, only the memory they take.
+    """
+    column = H.dim * torch.empty((), dtype=H.dtype).element_size()
+    return max(1, min(int(most), STREAM_BYTES // max(column, 1)))
+
+
 def block_index(blocks, dim: int, device=None) -> tuple[list[str], torch.Tensor] | tuple[None, None]:
     """Names and a (dim,) tensor mapping each coordinate to its block number."""
     if not blocks:
