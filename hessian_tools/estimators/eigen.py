@@ -29,7 +29,7 @@ import torch
 from ..checks import check_choice, check_integer, check_positive
 from ..results import EigenResult
 from ..seeding import seeded_generator
-from .common import CountingOperator
+from .common import CountingOperator, inner
 from .probes import gaussian
 
 WHICH = ("LA", "SA", "LM")
@@ -92,24 +92,51 @@ def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def _orthonormalize(X: torch.Tensor, Q: torch.Tensor, scale: float) -> torch.Tensor:
-    """Orthogonalise the columns of X against the orthonormal columns of Q (twice: CGS2) and among
-    themselves; drop the directions that vanish (norm below 1e-10·scale relative to the input).
+def _norm(x: torch.Tensor) -> float:
+    """‖x‖ of a column (dim × 1) summed in float64 (torch's float32 norm of 10⁷ entries is off by ~1e-4)."""
+    return math.sqrt(float(inner(x, x)))
+
+
+def _orthonormalize(X: torch.Tensor, Q: torch.Tensor, scale: float, passes: int = 2) -> torch.Tensor:
+    """Orthogonalise the columns of X against the orthonormal columns of Q (``passes`` times: twice,
+    CGS2, for arbitrary X) and among themselves; drop the directions that vanish (norm below
+    1e-10·scale relative to the input).
     """
-    for _ in range(2):
+    for _ in range(passes):
         if Q.shape[1]:
-            X = X - Q @ (Q.T @ X)
+            X = X - Q @ inner(Q, X).to(X.dtype)
     keep = []
     for j in range(X.shape[1]):
-        x = X[:, j]
-        norm0 = float(x.norm())
+        x = X[:, j : j + 1]
+        norm0 = _norm(x)
         for y in keep:
-            x = x - y * (y @ x)
-            x = x - y * (y @ x)
-        norm = float(x.norm())
+            x = x - y * float(inner(y, x))
+            x = x - y * float(inner(y, x))
+        norm = _norm(x)
         if norm > 1e-10 * max(norm0, scale):
             keep.append(x / norm)
-    return torch.stack(keep, dim=1) if keep else X[:, :0]
+    return torch.cat(keep, dim=1) if keep else X[:, :0]
+
+
+def _thin_qr(columns: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (dim × m, orthonormal; zero columns where a column depends on the ones before) and R
+    (m × m, float64, upper triangular) with [columns] = U R, by classical Gram–Schmidt applied twice:
+    for the few columns of a residual factor, far cheaper than LAPACK's QR of a tall matrix.
+    """
+    m = len(columns)
+    R = torch.zeros(m, m, dtype=torch.float64)
+    done: list[torch.Tensor] = []
+    for i, column in enumerate(columns):
+        x = column[:, None].clone()
+        for _ in range(2):
+            for row, u in enumerate(done):
+                c = float(inner(u, x))
+                x -= c * u
+                R[row, i] += c
+        norm = _norm(x)
+        R[i, i] = norm
+        done.append(x.div_(norm) if norm > 0 else x.zero_())
+    return torch.cat(done, dim=1), R
 
 
 class _KrylovBasis:
@@ -125,9 +152,11 @@ class _KrylovBasis:
 
     Each product H X adds its component outside the new span(Q) to F; the part of F along the newly
     added directions moves into M. F Gᵀ is kept at its numerical rank (an SVD of the small factor
-    drops singular values below ``rank_tol`` times the largest, i.e. rounding left over when a
-    direction of F joins Q): in exact arithmetic that rank is the block size, since span(Q) is a
-    (thick-restarted) Krylov space. A Ritz pair (θ, Qs) of T then has the residual
+    drops singular values below ``rank_tol`` times the largest: the rounding left when a direction of
+    F joins Q); in exact arithmetic that rank is the block size, since span(Q) is a (thick-restarted)
+    Krylov space. Projections take two passes, and every dot product and norm over the dimension is
+    summed in float64 (:func:`~hessian_tools.estimators.common.inner`): float32 BLAS sums them in
+    float32, off by a percent at dim ≈ 10⁷. A Ritz pair (θ, Qs) of T then has the residual
 
         H Qs − θ Qs = Q (M − T) s + F Gᵀ s,     ‖·‖² = ‖(M − T) s‖² + ‖Gᵀ s‖²,
 
@@ -155,38 +184,40 @@ class _KrylovBasis:
     def add(self, X: torch.Tensor, HX: torch.Tensor) -> None:
         """Append the orthonormal columns X (⟂ Q) with their product HX."""
         j, b = self.j, X.shape[1]
+        # Old columns: HQ_old = Q_old M + F Gᵀ, and F = X C + (F − X C) with C = XᵀF (two passes:
+        # a long dot product of nearly parallel vectors is only accurate to ~eps·√dim in one).
         wd = X.dtype
-        # Old columns: HQ_old = Q_old T + F Gᵀ, and F = X (XᵀF) + (F − X XᵀF).
-        C = (X.T @ self.F).double()  # b × r
+        C = inner(X, self.F)  # b × r
+        F_old = self.F - X @ C.to(wd)
+        C2 = inner(X, F_old)
+        F_old -= X @ C2.to(wd)
+        C += C2
         lower = C @ self.G.T  # b × j: Xᵀ H Q_old
-        F_old = self.F - X @ C.to(wd) if self.F.shape[1] else self.F
         self.rows[j : j + b] = X.T
         self.j = j + b
         Q = self.Q
         # New columns: HX = Q t + f with f ⟂ Q (two passes of classical Gram–Schmidt).
-        t = Q.T @ HX
-        f = HX - Q @ t
+        t = inner(Q, HX)
+        f = HX - Q @ t.to(wd)
         del HX
-        c = Q.T @ f
-        f -= Q @ c
-        t = (t + c).double()  # (j + b) × b
+        c = inner(Q, f)
+        f -= Q @ c.to(wd)
+        t += c  # (j + b) × b
         M = torch.zeros(j + b, j + b, dtype=torch.float64)
         M[:j, :j] = self.M
         M[j:, :j] = lower
         M[:, j:] = t
         self.M = M
-        G = torch.zeros(j + b, self.G.shape[1] + b, dtype=torch.float64)
-        G[:j, : self.G.shape[1]] = self.G
-        G[j:, self.G.shape[1] :] = torch.eye(b, dtype=torch.float64)
-        self._compress(torch.cat([F_old, f], dim=1), G)
+        r = F_old.shape[1]
+        G = torch.zeros(j + b, r + b, dtype=torch.float64)
+        G[:j, :r] = self.G
+        G[j:, r:] = torch.eye(b, dtype=torch.float64)
+        self._compress([*F_old.unbind(1), *f.unbind(1)], G)
 
-    def _compress(self, F: torch.Tensor, G: torch.Tensor) -> None:
-        """F Gᵀ refactored as F' G'ᵀ with F' orthonormal, at its numerical rank."""
-        if F.shape[1] == 0:
-            self.F, self.G = F, G
-            return
-        U, Rf = torch.linalg.qr(F)
-        W, sigma, Zt = torch.linalg.svd(Rf.double() @ G.T, full_matrices=False)
+    def _compress(self, columns: list[torch.Tensor], G: torch.Tensor) -> None:
+        """F Gᵀ (F's ``columns``) refactored as F' G'ᵀ with F' orthonormal, at its numerical rank."""
+        U, R = _thin_qr(columns)
+        W, sigma, Zt = torch.linalg.svd(R @ G.T, full_matrices=False)
         keep = sigma > self.rank_tol * float(sigma.max()) if sigma.numel() else sigma > 0
         self.F = U @ W[:, keep].to(U.dtype)
         self.G = Zt[keep].T * sigma[keep]
@@ -218,9 +249,10 @@ def _lanczos(H: CountingOperator, k, which, tol, atol, generator, max_hvps, bloc
     keep_on_restart = min(max(k + (max_basis - k) // 2, k), max_basis - block_size)
     basis = _KrylovBasis(n, max(max_basis, block_size), H.dtype, H.device)
     X = gaussian(n, block_size, generator, dtype=H.dtype, device=H.device)
+    passes = 2  # the next directions come from F, which is ⟂ Q already: they need no projection
     converged = False
     while True:
-        X = _orthonormalize(X, basis.Q, 1.0)
+        X = _orthonormalize(X, basis.Q, 1.0, passes)
         if X.shape[1] == 0:
             if basis.j >= n:
                 break  # the basis spans everything: Ritz pairs are exact
@@ -243,7 +275,7 @@ def _lanczos(H: CountingOperator, k, which, tol, atol, generator, max_hvps, bloc
         if H.hvps >= max_hvps:
             break
         pending = [i for i in range(len(want)) if not ok[i]] or list(range(len(want)))
-        X = basis.F @ coefficients[:, pending[:block_size]].to(basis.F.dtype)
+        X, passes = basis.F @ coefficients[:, pending[:block_size]].to(basis.F.dtype), 0
         if basis.j + X.shape[1] > max_basis:  # thick restart from the best Ritz vectors
             basis.restart(S[:, order[:keep_on_restart]])
     theta_w = theta[want]

@@ -22,7 +22,15 @@ import torch
 from ..checks import check_integer
 from ..results import TraceResult
 from ..seeding import seeded_generator
-from .common import CountingOperator, block_index, block_sums, check_rtol, columns_per_pass
+from .common import (
+    CountingOperator,
+    block_index,
+    block_sums,
+    check_rtol,
+    columns_per_pass,
+    inner,
+    orthonormal_columns,
+)
 from .hutchinson import block_results, sample_quadratic_forms, trace_result
 from .probes import rademacher_blocks
 
@@ -63,7 +71,7 @@ def hutchpp(
     for start, stop, S in rademacher_blocks(H.dim, sketch, generator, width, H.dtype, H.device):
         Y[:, start:stop] = H.matmat(S)
         del S
-    Q, _ = torch.linalg.qr(Y)
+    Q = orthonormal_columns(Y)  # float64: Householder QR; float32: in place, Grams in float64
     del Y
     exact_diag = torch.zeros(H.dim, 1, dtype=torch.float64, device=H.device)  # diag(QQᵀH): sums to tr(QᵀHQ)
     for start in range(0, sketch, width):
@@ -90,7 +98,7 @@ def hutchpp(
         )
 
     def project(Z: torch.Tensor) -> torch.Tensor:
-        return Z.sub_(Q @ (Q.T @ Z))
+        return Z.sub_(Q @ inner(Q, Z).to(Z.dtype))
 
     drawn = sample_quadratic_forms(
         H,
