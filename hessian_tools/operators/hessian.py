@@ -46,6 +46,12 @@ SMALL_BLOCK = 2  # with backend="auto", blocks of at most this many columns use 
 # out of cache: measured per probe at K=64, as multiples of one gradient, unchunked → chunks of 16:
 # CNN 2.97 → 1.34, ResNet 4.73 → 2.11, MLP 3.03 → 2.33.
 DEFAULT_CHUNK = 16
+# backend="auto": vmap is used for blocks only if its second column costs less than this fraction of the
+# second column of a shared graph (the lean way); decided by timing products that take at least TIMED_ABOVE_S.
+# ResNet-18 (11 M parameters, 128 images, 1 thread): vmap 0.74 s vs 0.58 s per further column, 250 vs 55 MB.
+LEAN_BIAS = 0.7
+TIMED_ABOVE_S = 0.05
+SMALL_SHARE = 1 / 8
 
 
 def _chunks(columns: int, chunk: int | None):
@@ -119,6 +125,7 @@ class HessianOperator(LinearOperator):
         self._auto = backend == "auto"
         self._func_strategy = "forward-over-reverse"
         self._cast_model: nn.Module | None = None
+        self._graph_is_faster: bool | None = None
         self.planner = ChunkPlanner(
             resolve_budget(memory_budget, self.device),
             self.risk,
@@ -178,7 +185,10 @@ class HessianOperator(LinearOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         V = V.to(device=self.device, dtype=self.dtype)
         path = self._path(V.shape[1])
-        chunk = self.planner.chunk(path, V.shape[1])
+        if path == "func" and self._auto and self._shared_graph_is_faster():
+            path, chunk = "autograd", self.planner.loop("autograd")
+        else:
+            chunk = self.planner.chunk(path, V.shape[1])
         with self.risk.computation_mode():
             params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
             model = self._autograd_model() if path == "autograd" else None
@@ -198,6 +208,32 @@ class HessianOperator(LinearOperator):
         if self.backend == "autograd" or (self._auto and columns <= SMALL_BLOCK):
             return "autograd"
         return "func"
+
+    def _shared_graph_is_faster(self) -> bool:
+        """With ``backend="auto"`` and a budget, for blocks of more than two columns: whether one
+        graph per batch with one double backward per column (the leanest way: its columns cost only
+        their output) beats vmap. Decided once, from the time the second column adds to a product on
+        the first batch by either way; vmap has to be clearly faster (:data:`LEAN_BIAS`), and products
+        cheaper than :data:`TIMED_ABOVE_S`, or whose chunks take under :data:`SMALL_SHARE` of the budget,
+        keep vmap (their timings are noise; they cost little memory).
+        """
+        if self._graph_is_faster is None:
+            self._graph_is_faster = False
+            budget = self.planner.budget
+            if budget is not None and self._vmap_block_bytes() > budget * SMALL_SHARE:
+                f1 = self.planner.measure("func", 1, 1, timed=True)
+                if f1.seconds >= TIMED_ABOVE_S:
+                    f2 = self.planner.measure("func", 2, 2, timed=True)
+                    a1 = self.planner.measure("autograd", 1, 1, timed=True)
+                    a2 = self.planner.measure("autograd", 2, 1, timed=True)
+                    self._graph_is_faster = f2.seconds - f1.seconds > LEAN_BIAS * (a2.seconds - a1.seconds)
+        return self._graph_is_faster
+
+    def _vmap_block_bytes(self) -> int:
+        """What a chunk of the vmap path costs at most (its plan: fixed + chunk·per column)."""
+        chunk = self.planner.chunk("func", self.dim if self.chunk_size is None else self.chunk_size)
+        plan = self.planner.plans["func"]
+        return plan.fixed + chunk * plan.per_column
 
     def _batch_product(
         self, path, inputs, targets, index, V, chunk, *, params=None, fixed=None, model=None
@@ -371,7 +407,7 @@ class HessianOperator(LinearOperator):
                 meter = PeakMeter(self.device) if self.planner.budget is not None else None
                 with meter or contextlib.nullcontext():
                     self._batch_hvp_func(params, fixed, inputs, targets, probe, index, 1)
-                self.planner.record_one_column("func", meter.peak if meter is not None else None)
+                self.planner.record("func", 1, 1, meter.peak if meter is not None else None)
                 self.backend = "func"
                 return
             except (NonFiniteError, NondeterminismError):

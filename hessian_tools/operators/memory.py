@@ -39,6 +39,7 @@ import dataclasses
 import math
 import os
 import re
+import time
 from collections.abc import Callable
 
 import torch
@@ -49,8 +50,8 @@ from ..errors import HessianToolsError
 DEFAULT_FRACTION = 0.25
 #: the budget when the available memory cannot be read at all
 FALLBACK_BUDGET = 2**30
-#: estimated costs (no peak reading available) count activations and column buffers this many times
-ESTIMATE_FACTOR = 3
+#: a path not measured yet is assumed to cost at most this many times another path's measured column
+PROXY_MARGIN = 4
 
 _UNITS = {
     "": 1,
@@ -166,7 +167,8 @@ class MemoryPlan:
     ``budget``: the bound; ``fixed`` and ``per_column``: the measured (or estimated, ``method``)
     cost of a product, ``fixed + K·per_column`` for K columns on one batch; ``chunk``: columns per
     vmap / batched backward; ``max_batch_size``: the micro-batch size (None: batches as given);
-    ``method``: ``"measured"`` or ``"estimated"``.
+    ``method``: ``"measured"``, ``"estimated"`` (no peak reading) or ``"bounded"`` (by another path's
+    measured cost, :meth:`ChunkPlanner.fit`).
     """
 
     budget: int
@@ -294,31 +296,83 @@ class ChunkPlanner:
         self.dim = risk.dim
         self.column_bytes = risk.dim * torch.empty((), dtype=risk.dtype).element_size()
         self.plans: dict[str, MemoryPlan] = {}
-        self._one: dict[str, tuple[int, str, int]] = {}  # path → (cost of one column, method, batch size)
+        #: (path, columns, chunk) → Measurement on the first batch at the current micro-batch size
+        self.measured: dict[tuple, Measurement] = {}
 
     @property
     def plan(self) -> MemoryPlan | None:
         """The plan of the most recently planned path (None before the first product)."""
         return next(reversed(self.plans.values()), None)
 
-    def record_one_column(self, path: str, cost: int | None) -> None:
-        """Take ``cost`` (bytes, from a 1-column product on the first batch made elsewhere) as measured."""
-        first = self._first() if self.budget is not None and cost is not None else None
-        if first is not None and path not in self._one:
-            self._one[path] = (int(cost), "measured", first[3])
+    def record(self, path: str, columns: int, chunk: int, peak: int | None) -> None:
+        """Take ``peak`` (bytes of a product made elsewhere on the first batch) as a measurement."""
+        first = self._first() if self.budget is not None and peak is not None else None
+        if first is not None:
+            self.measured.setdefault(
+                (path, columns, chunk), Measurement(int(peak), None, "measured", first[3])
+            )
 
     def chunk(self, path: str, columns: int) -> int | None:
         """The chunk for a product of ``columns`` columns by ``path`` (measuring on first use)."""
         if self.budget is None:
             return self.most
-        one = self._one.get(path)
-        if one is None or (one[0] > self.budget and one[2] > 1):
-            self._fit_one_column(path)
+        self.fit(path)
         if path not in self.plans or (self.plans[path].chunk is None and columns > 1):
             self.plans[path] = self._plan(path, need_chunk=columns > 1)
         plan = self.plans[path]
         self.plans[path] = self.plans.pop(path)  # most recent last
         return plan.chunk if plan.chunk is not None else 1
+
+    def measure(self, path: str, columns: int, chunk: int, timed: bool = False) -> Measurement:
+        """The cost of ``columns`` columns by ``path`` on the first batch (cached; ``timed``: timed too)."""
+        key = (path, columns, chunk)
+        known = self.measured.get(key)
+        if known is None or (timed and known.seconds is None) or (timed and known.method == "bounded"):
+            first = self._first()
+            if first is None:  # no data on this rank: nothing to measure
+                known = Measurement(0, 0.0, "measured", 0)
+            else:
+                known = self._cost(path, first, columns, chunk)
+            self.measured[key] = known
+        return known
+
+    def fit(self, path: str) -> None:
+        """Measure one column on the first batch; while it exceeds the budget, shrink the micro-batches.
+
+        A path not measured yet is taken to cost no more than :data:`PROXY_MARGIN` times one column of
+        another path measured on the same batch when that fits the budget (no extra product then).
+        """
+        if self.budget is None:
+            return
+        if (path, 1, 1) not in self.measured:
+            proxies = [m for (_, c, _), m in self.measured.items() if c == 1 and m.method == "measured"]
+            if proxies and PROXY_MARGIN * max(m.bytes for m in proxies) <= self.budget:
+                m = max(proxies, key=lambda m: m.bytes)
+                self.measured[(path, 1, 1)] = Measurement(PROXY_MARGIN * m.bytes, None, "bounded", m.batch)
+        while True:
+            one = self.measure(path, 1, 1)
+            size = samples_within(self.budget, one.batch, one.bytes)
+            if size >= one.batch:
+                return
+            current = self.risk.source.max_batch_size
+            self.risk.source.max_batch_size = size if current is None else min(size, current)
+            self.measured.clear()  # costs measured on bigger batches no longer hold
+            self.plans.clear()
+
+    def loop(self, path: str) -> int:
+        """Plan ``path`` one column at a time (e.g. one double backward per column on a shared graph):
+        chunk 1, its per-column cost measured from 1 and 2 columns. Returns 1.
+        """
+        self.fit(path)
+        if path not in self.plans or self.plans[path].chunk != 1:
+            one, two = self.measure(path, 1, 1), self.measure(path, 2, 1)
+            per_column = max(two.bytes - one.bytes, self.column_bytes)
+            batch = self.risk.source.max_batch_size
+            self.plans[path] = MemoryPlan(
+                self.budget, max(one.bytes - per_column, 0), per_column, 1, batch, one.method
+            )
+        self.plans[path] = self.plans.pop(path)
+        return 1
 
     # ------------------------------------------------------------------ measuring
     def _first(self):
@@ -329,53 +383,49 @@ class ChunkPlanner:
         V = torch.rand(self.dim, columns, generator=gen, dtype=torch.float64) - 0.5
         return V.to(device=self.risk.device, dtype=self.risk.dtype)
 
-    def _cost(self, path: str, first, columns: int) -> tuple[int, str]:
-        index, inputs, targets, _ = first
+    def _cost(self, path: str, first, columns: int, chunk: int) -> Measurement:
+        index, inputs, targets, n = first
         V = self._probe(columns)
         with self.risk.computation_mode():
             meter = PeakMeter(self.risk.device)
+            start = time.perf_counter()
             with meter:
-                out = self.run(path, inputs, targets, index, V, columns)
+                out = self.run(path, inputs, targets, index, V, chunk)
                 del out
-        if meter.peak is not None:
-            return int(meter.peak), "measured"
+            seconds = time.perf_counter() - start
+        if meter.peak is not None:  # at least its output: the reading has a page's resolution
+            return Measurement(max(int(meter.peak), columns * self.column_bytes), seconds, "measured", n)
         fixed, per_column = self.estimate(inputs, targets)
-        return int(fixed + columns * per_column), "estimated"
-
-    def _fit_one_column(self, path: str) -> None:
-        """Measure one column on the first batch; while it exceeds the budget, shrink the micro-batches."""
-        while True:
-            first = self._first()
-            if first is None:  # no data on this rank: nothing to plan
-                self._one[path] = (0, "measured", 0)
-                return
-            cost, method = self._cost(path, first, 1)
-            n = first[3]
-            size = samples_within(self.budget, n, cost)
-            if size >= n:
-                self._one[path] = (cost, method, n)
-                return
-            current = self.risk.source.max_batch_size
-            self.risk.source.max_batch_size = size if current is None else min(size, current)
-            self._one.clear()  # costs measured on bigger batches no longer hold
-            self.plans.clear()
+        return Measurement(int(fixed + columns * per_column), seconds, "estimated", n)
 
     def _plan(self, path: str, need_chunk: bool) -> MemoryPlan:
-        one, method, _ = self._one[path]
+        one = self.measure(path, 1, 1)
         batch = self.risk.source.max_batch_size
-        plan = MemoryPlan(self.budget, fixed=one, method=method, max_batch_size=batch)
+        plan = MemoryPlan(self.budget, fixed=one.bytes, method=one.method, max_batch_size=batch)
         if not need_chunk:
             return plan  # one column at a time so far: the chunk is decided by the first block
-        if self.most == 1:
-            plan.chunk = 1
+        if self.most == 1 or one.batch == 0:
+            plan.chunk = 1 if self.most == 1 else self.most
             return plan
-        first = self._first()
-        if first is None:
-            plan.chunk = self.most
+        if self.most is not None and self.most * one.bytes <= self.budget:
+            # fixed + c·per_column ≤ c·(fixed + per_column): the most columns fit, no need to measure two
+            plan.per_column, plan.fixed, plan.chunk = max(one.bytes, self.column_bytes), 0, self.most
             return plan
-        two, method2 = self._cost(path, first, 2)
-        per_column = max(two - one, self.column_bytes)
-        plan.per_column, plan.fixed = per_column, max(one - per_column, 0)
-        plan.method = "estimated" if "estimated" in (method, method2) else "measured"
+        two = self.measure(path, 2, 2)
+        per_column = max(two.bytes - one.bytes, self.column_bytes)
+        plan.per_column, plan.fixed = per_column, max(one.bytes - per_column, 0)
+        plan.method = "estimated" if "estimated" in (one.method, two.method) else "measured"
         plan.chunk = columns_within(self.budget, plan.fixed, per_column, self.most)
         return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One measured product on the first batch: peak ``bytes`` above what was in use, wall ``seconds``
+    (None if not timed), ``method`` (``"measured"`` or ``"estimated"``), ``batch`` (its samples).
+    """
+
+    bytes: int
+    seconds: float | None
+    method: str
+    batch: int
