@@ -42,8 +42,9 @@ class CountingOperator(LinearOperator):
 
 
 #: bytes of one block of probe columns an estimator streams through the operator at a time (the
-#: block and its product each take this much; at least one column, at most the estimator's block)
-STREAM_BYTES = 1 << 28
+#: block and its product each take this much, 128 MiB: 3 columns of ResNet-18; at least one column, at
+#: most the estimator's block)
+STREAM_BYTES = 1 << 27
 
 
 def columns_per_pass(H, most: int) -> int:
@@ -80,6 +81,15 @@ def inner(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         a = A[rows].double()
         out += a.T @ (a if B is A else B[rows].double())
     return out
+
+
+def subtract_product(Z: torch.Tensor, Q: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Z − Q C in place (Z: dim × b, Q: dim × j, C: j × b), in chunks of rows: no dim × b temporary."""
+    C = C.to(Z.dtype)
+    for start in range(0, Z.shape[0], _INNER_ROWS):
+        rows = slice(start, start + _INNER_ROWS)
+        Z[rows].addmm_(Q[rows], C, alpha=-1)
+    return Z
 
 
 def orthonormal_columns(Y: torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,7 @@ def _thin_qr(columns: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     R = torch.zeros(m, m, dtype=torch.float64)
     done: list[torch.Tensor] = []
     for i, column in enumerate(columns):
-        x = column[:, None].clone()
+        x = column[:, None]  # overwritten: the columns are the caller's temporaries
         for _ in range(2):
             for row, u in enumerate(done):
                 c = float(inner(u, x))
@@ -188,9 +188,9 @@ class _KrylovBasis:
         # a long dot product of nearly parallel vectors is only accurate to ~eps·√dim in one).
         wd = X.dtype
         C = inner(X, self.F)  # b × r
-        F_old = self.F - X @ C.to(wd)
+        F_old = self.F.addmm_(X, C.to(wd), alpha=-1)  # in place: F is replaced below
         C2 = inner(X, F_old)
-        F_old -= X @ C2.to(wd)
+        F_old.addmm_(X, C2.to(wd), alpha=-1)
         C += C2
         lower = C @ self.G.T  # b × j: Xᵀ H Q_old
         self.rows[j : j + b] = X.T
@@ -198,10 +198,10 @@ class _KrylovBasis:
         Q = self.Q
         # New columns: HX = Q t + f with f ⟂ Q (two passes of classical Gram–Schmidt).
         t = inner(Q, HX)
-        f = HX - Q @ t.to(wd)
-        del HX
+        f = HX.clone()  # a user's operator may hand back a buffer it keeps
+        f.addmm_(Q, t.to(wd), alpha=-1)
         c = inner(Q, f)
-        f -= Q @ c.to(wd)
+        f.addmm_(Q, c.to(wd), alpha=-1)
         t += c  # (j + b) × b
         M = torch.zeros(j + b, j + b, dtype=torch.float64)
         M[:j, :j] = self.M

@@ -27,7 +27,7 @@ from ..checks import check_integer
 from ..results import Z95, BlockTrace, TraceResult
 from ..seeding import seeded_generator
 from ..stats import mean_and_stderr
-from .common import CountingOperator, block_index, block_sums, check_rtol, columns_per_pass
+from .common import CountingOperator, check_rtol, columns_per_pass
 from .probes import rademacher_blocks
 
 
@@ -58,23 +58,25 @@ def sample_quadratic_forms(
     pieces of :func:`~hessian_tools.estimators.common.columns_per_pass` columns (the same probes
     and samples; only one piece and its product are held), the samples summed in float64.
     """
-    names, index = block_index(H.blocks, H.dim, device=H.device)
+    slices = [b.slice for b in H.blocks] if H.blocks else None
     totals, per_block, drawn = [], [], 0
     converged = rtol is None
     while drawn < budget:
         size = _next_block(totals, drawn, budget, min_probes, block_size, rtol, offset)
         width = columns_per_pass(H, max(size, 1))
         sums = torch.zeros(size, dtype=torch.float64)
-        parts = torch.zeros(len(names), size, dtype=torch.float64) if names is not None else None
+        parts = torch.zeros(len(slices), size, dtype=torch.float64) if slices is not None else None
         for start, stop, W in rademacher_blocks(H.dim, size, generator, width, H.dtype, H.device):
             if project is not None:
                 W = project(W)
             HW = H.matmat(W).to(W.device)
             for i in range(stop - start):
-                products = W[:, i].double() * HW[:, i].double()
-                sums[start + i] = products.sum().cpu()
+                products = W[:, i] * HW[:, i]  # exact for ±1 probes; summed in float64
+                sums[start + i] = float(products.sum(dtype=torch.float64))
                 if parts is not None:
-                    parts[:, start + i] = block_sums(products[:, None], index, len(names))[:, 0].cpu()
+                    parts[:, start + i] = torch.stack(
+                        [products[s].sum(dtype=torch.float64) for s in slices]
+                    ).cpu()
             del W, HW
         totals.append(sums)
         if parts is not None:

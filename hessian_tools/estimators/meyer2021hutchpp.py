@@ -30,6 +30,7 @@ from .common import (
     columns_per_pass,
     inner,
     orthonormal_columns,
+    subtract_product,
 )
 from .hutchinson import block_results, sample_quadratic_forms, trace_result
 from .probes import rademacher_blocks
@@ -77,7 +78,7 @@ def hutchpp(
     for start in range(0, sketch, width):
         HQ = H.matmat(Q[:, start : start + width])
         for i in range(HQ.shape[1]):
-            exact_diag[:, 0] += Q[:, start + i].double() * HQ[:, i].double()
+            exact_diag[:, 0].addcmul_(Q[:, start + i], HQ[:, i])
         del HQ
     exact = float(exact_diag.sum())
     names, index = block_index(H.blocks, H.dim, device=H.device)
@@ -98,7 +99,7 @@ def hutchpp(
         )
 
     def project(Z: torch.Tensor) -> torch.Tensor:
-        return Z.sub_(Q @ inner(Q, Z).to(Z.dtype))
+        return subtract_product(Z, Q, inner(Q, Z))  # Z − Q QᵀZ, in place
 
     drawn = sample_quadratic_forms(
         H,
