@@ -37,7 +37,7 @@ from ..checks import check_choice, check_integer
 from ..errors import NondeterminismError, NonFiniteError
 from .base import LinearOperator
 from .empirical_risk import EmpiricalRisk, check_finite
-from .memory import ChunkPlanner, PeakMeter, resolve_budget, saved_activation_bytes
+from .memory import ChunkPlanner, PeakMeter, release_freed_memory, resolve_budget, saved_activation_bytes
 from .params import flatten
 
 BACKENDS = ("auto", "func", "autograd")
@@ -198,6 +198,8 @@ class HessianOperator(LinearOperator):
             mean = self.risk.weighted_mean(
                 product, (self.dim, V.shape[1]), "Hessian-vector product", reducer=self.reducer
             )
+        if self.device.type == "cpu":
+            release_freed_memory()  # the pass's graph and activations: back to the system, not kept resident
         self.passes += 1
         return mean.to(self.dtype)
 

@@ -210,10 +210,21 @@ def _status_kb(key: str) -> int:
     raise OSError(f"no {key} in /proc/self/status")
 
 
-def _reset_cpu_peak() -> bool:
-    """Return freed heap memory to the system and reset VmHWM to the current RSS; False if impossible."""
+def release_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the system (glibc's ``malloc_trim``; no-op elsewhere).
+
+    A product frees its activations and graph when it ends, but glibc keeps freed heap chunks
+    resident, and once large tensors have been freed it serves even ~30 MB ones from the heap: the
+    resident set then drifts up to a few hundred MB above what is alive (measured on ResNet-18's
+    Lanczos steps after its trace). The operators call this after every pass over the data.
+    """
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+def _reset_cpu_peak() -> bool:
+    """Return freed heap memory to the system and reset VmHWM to the current RSS; False if impossible."""
+    release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
