@@ -223,3 +223,15 @@ def test_trace_probes_go_through_in_bounded_pieces(monkeypatch):
         assert max(op.widths) <= 5 and sum(op.widths) == result.hvps == reference.hvps
         assert result.estimate == pytest.approx(reference.estimate, rel=1e-12)
         assert result.stderr == pytest.approx(reference.stderr, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "fisher"])
+def test_gauss_newton_products_under_a_tiny_budget_equal_unbudgeted_ones(kind):
+    model, loss_fn, X, y = PROBLEMS["cnn_bn"]()
+    data = batches(X, y, 16)
+    make = ht.GGNOperator if kind == "ggn" else ht.FisherOperator
+    free = make(model, loss_fn, data, dtype=torch.float64, memory_budget=None)
+    tight = make(model, loss_fn, data, dtype=torch.float64, memory_budget=1)
+    V = torch.randn(free.dim, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(tight.matmat(V), free.matmat(V), rtol=1e-12, atol=1e-14)
+    assert tight.memory_plan.chunk == 1 and tight.memory_plan.max_batch_size == 1
