@@ -476,7 +476,7 @@ def run_cli(case: Case, checkpoint: str, workdir: Path, threads: int, timeout_s:
                 pass
             lines = stderr_path.read_text().splitlines()
             for line in lines[seen:]:
-                if line.startswith("…"):
+                if line.startswith("…") and ":" not in line:  # a stage, not a progress line (name: …)
                     out["stages"].append([line.lstrip("… ").strip(), round(time.perf_counter() - start, 1)])
             seen = len(lines)
             if time.perf_counter() - start > timeout_s:
