@@ -23,6 +23,7 @@ next to every row). ``--quick`` runs tiny sizes, and all of a model's measuremen
 
     python analysis/bench_scale.py --out figures            # full run (≈20 min on 2 cores)
     python analysis/bench_scale.py --quick --out /tmp/bs    # smoke test
+    python analysis/bench_scale.py --models resnet18 --only cli --out /tmp/bs   # just the analyze run
 """
 
 from __future__ import annotations
@@ -475,7 +476,7 @@ def run_cli(case: Case, checkpoint: str, workdir: Path, threads: int, timeout_s:
                 pass
             lines = stderr_path.read_text().splitlines()
             for line in lines[seen:]:
-                if line.startswith("…"):
+                if line.startswith("…") and ":" not in line:  # a stage, not a progress line (name: …)
                     out["stages"].append([line.lstrip("… ").strip(), round(time.perf_counter() - start, 1)])
             seen = len(lines)
             if time.perf_counter() - start > timeout_s:
@@ -769,6 +770,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process (default 1)")
     parser.add_argument("--no-cli", action="store_true", help="skip the end-to-end analyze runs")
     parser.add_argument(
+        "--only",
+        choices=["cli", "probes"],
+        help="cli: only the end-to-end analyze run of each model (its time limit then defaults to "
+        "--cli-timeout or 600 s: no PyHessian rows to derive it from); probes: only the measurement rows",
+    )
+    parser.add_argument(
         "--cli-timeout",
         type=float,
         default=None,
@@ -817,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             }
             log(f"[{name}] {model['params']:,} parameters, {model['samples']} samples ({model['batches']})")
             groups = [list(case.probes)] if args.quick else [[p] for p in case.probes]
+            if args.only == "cli":
+                groups = []
             model["rows"] = []
             for group in groups:
                 for row in run_child(name, group, args.quick, str(checkpoint), args.threads):
@@ -831,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         )
                     )
             model["pyhessian_48"] = pyhessian_48(model["rows"], case.pyhessian_hvps)
-            if args.no_cli:
+            if args.no_cli or args.only == "probes":
                 model["cli"] = {"skipped": True}
             else:
                 limit = CLI_TIME_FACTOR * max(

@@ -84,6 +84,8 @@ class Result:
     kind: ClassVar[str] = "result"
     #: fields that hold arrays (stored as lists in JSON, restored as numpy arrays)
     array_fields: ClassVar[tuple[str, ...]] = ()
+    #: fields kept in memory only, never converted for JSON (they can be as large as the model)
+    transient_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -92,7 +94,8 @@ class Result:
     def to_dict(self) -> dict:
         out = {"kind": self.kind}
         for field in dataclasses.fields(self):
-            out[field.name] = _to_jsonable(getattr(self, field.name))
+            if field.name not in self.transient_fields:
+                out[field.name] = _to_jsonable(getattr(self, field.name))
         return out
 
     def to_json(self, **kwargs) -> str:
@@ -273,6 +276,7 @@ class EigenResult(Result):
 
     kind: ClassVar[str] = "eigen"
     array_fields: ClassVar[tuple[str, ...]] = ("values", "residuals")
+    transient_fields: ClassVar[tuple[str, ...]] = ("vectors",)
     values: np.ndarray
     residuals: np.ndarray
     converged: bool
@@ -282,11 +286,6 @@ class EigenResult(Result):
     tol: float
     seed: int | None
     vectors: Any = dataclasses.field(default=None, compare=False, repr=False)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out.pop("vectors", None)
-        return out
 
 
 @dataclasses.dataclass(frozen=True)

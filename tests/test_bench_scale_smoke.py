@@ -34,3 +34,10 @@ def test_quick_run_measures_every_kind_and_writes_the_report(bench, tmp_path):
     assert cli["finished"] or ("error" in cli and "Traceback" not in cli["error"])
     if cli["finished"]:
         assert cli["hvps"] > 0 and cli["peak_mb"] > 50
+
+
+def test_only_the_analyze_run(bench, tmp_path):
+    results = bench.main(["--quick", "--models", "resnet18", "--only", "cli", "--out", str(tmp_path)])
+    model = results["models"]["resnet18"]
+    assert model["rows"] == [] and not model["cli"].get("skipped")
+    assert "**End to end**" in (tmp_path / "bench_scale.md").read_text()

@@ -58,10 +58,11 @@ def _eigs(ctx) -> dict:
 
     s, op = ctx.settings, ctx.operator
     common = {"tol": s.eig_tol, "seed": s.seed, "max_hvps": s.eig_max_hvps}
-    return {
-        "top": eigenvalues(op, k=min(s.eig_k, op.dim), which="LA", **common),
-        "bottom": eigenvalues(op, k=1, which="SA", **common),
-    }
+    # the reports use the values and residuals; the eigenvectors (k × the model's size) are dropped
+    # at once, so the smallest eigenvalue's basis does not sit next to the top eigenvectors
+    top = dataclasses.replace(eigenvalues(op, k=min(s.eig_k, op.dim), which="LA", **common), vectors=None)
+    bottom = dataclasses.replace(eigenvalues(op, k=1, which="SA", **common), vectors=None)
+    return {"top": top, "bottom": bottom}
 
 
 def _density(ctx) -> dict:

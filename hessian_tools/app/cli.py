@@ -110,6 +110,33 @@ def _model_data(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "float64"], default="float32", help="computation precision"
     )
     _loss(parser)
+    _memory(parser)
+
+
+def _memory_budget(text: str):
+    """``--memory-budget``: ``auto``, ``none`` or a size such as 4GB, 512MB, 2.5GiB."""
+    from ..operators.memory import MemoryBudgetError, parse_size
+
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    try:
+        parse_size(text, "--memory-budget")
+    except MemoryBudgetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
+def _memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--memory-budget",
+        type=_memory_budget,
+        default="auto",
+        metavar="SIZE",
+        help="memory one Hessian-vector product may take beyond the model and data, e.g. 4GB, 512MB, "
+        "2.5GiB: the operator measures what a probe column costs and chunks the probes (and, if need "
+        "be, the batches) to fit; auto (default): a quarter of the available memory; none: no bound",
+    )
 
 
 def _loss(parser: argparse.ArgumentParser) -> None:
@@ -233,6 +260,7 @@ def _add_curve(sub) -> None:
     p.add_argument("--resume", action="store_true", help="skip runs whose curve is already saved in --out")
     p.add_argument("--batch-size", type=int, default=512)
     _loss(p)
+    _memory(p)
     _common(p)
     _distributed(p)
     p.set_defaults(func=cmd_curve)
@@ -417,6 +445,7 @@ def _settings(args, what):
         device=args.device,
         distributed=getattr(args, "distributed", False),
         loss=getattr(args, "loss", "cross_entropy"),
+        memory_budget=getattr(args, "memory_budget", "auto"),
         **certificate,
     )
 
@@ -631,6 +660,7 @@ def cmd_curve(args) -> int:
             distributed=args.distributed,
             device=args.device,
             loss=args.loss,
+            memory_budget=args.memory_budget,
         )
     rows = [row for name, points in curves.items() for row in curve_rows(name, points)]
     print(text_table(CURVE_HEADER, rows))

@@ -71,6 +71,7 @@ def run_curve(
     distributed: bool = False,
     device: str = "cpu",
     loss: str = "cross_entropy",
+    memory_budget: int | str | None = "auto",
 ) -> tuple[dict, list]:
     """Curves of several run folders on their own training data; with ``out``, each run's curve is
     saved atomically as it finishes (``resume`` reuses saved ones) and the figure is drawn
@@ -79,7 +80,12 @@ def run_curve(
     from ..operators.distributed import is_main_process
 
     settings = AnalysisSettings(
-        seed=seed, batch_size=batch_size, distributed=distributed, device=device, loss=loss
+        seed=seed,
+        batch_size=batch_size,
+        distributed=distributed,
+        device=device,
+        loss=loss,
+        memory_budget=memory_budget,
     )
     if not is_main_process():
         out = None

@@ -20,6 +20,7 @@ from ..checks import check_choice, check_integer, check_open_unit_interval
 from ..errors import HessianToolsError
 from ..estimators.trace import DEFAULT_METHOD as DEFAULT_TRACE_METHOD
 from ..operators import HessianOperator
+from ..operators.memory import parse_size
 from ..results import Result, _from_jsonable
 from .analyses import DEFAULT_ANALYSES, PARTS, POSTERIORS, certificate, plan
 from .evaluation import cross_entropy, evaluate_batches
@@ -105,12 +106,17 @@ class AnalysisSettings:
     device: str = "cpu"
     loss: str = "cross_entropy"  # cross_entropy | mse | MODULE:FACTORY (see make_loss)
     distributed: bool = False  # shard the data over the torch.distributed ranks (torchrun)
+    # bytes one Hessian-vector product may take beyond the model and data: a number or a size such as
+    # "4GB"; "auto": a quarter of the available memory; None: no bound (hessian_tools.operators.memory)
+    memory_budget: int | str | None = "auto"
 
     def __post_init__(self):
         from ..estimators.diagonal import METHODS as DIAGONAL_METHODS
 
         plan(self.what)
         check_choice("dtype", self.dtype, DTYPES)
+        if self.memory_budget is not None and self.memory_budget != "auto":
+            parse_size(self.memory_budget)
         check_choice("posterior", self.posterior, POSTERIORS)
         check_choice("diag_method", self.diag_method, DIAGONAL_METHODS)
         check_open_unit_interval("delta", self.delta)
@@ -190,9 +196,16 @@ def make_operator(
             params=settings.params,
             dtype=dtype,
             device=settings.device,
+            memory_budget=settings.memory_budget,
         )
     return HessianOperator(
-        model.to(settings.device), loss_fn, data, params=settings.params, dtype=dtype, device=settings.device
+        model.to(settings.device),
+        loss_fn,
+        data,
+        params=settings.params,
+        dtype=dtype,
+        device=settings.device,
+        memory_budget=settings.memory_budget,
     )
 
 

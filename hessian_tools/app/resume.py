@@ -56,7 +56,8 @@ def setup_fingerprint(
 ) -> str:
     """SHA-256 of what the numbers depend on (see the module docstring)."""
     digest = hashlib.sha256(f"v{STATE_VERSION}".encode())
-    options = {k: v for k, v in dataclasses.asdict(settings).items() if k != "what"}
+    # the memory budget only chooses how products are chunked, not what they are
+    options = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("what", "memory_budget")}
     digest.update(json.dumps(_to_jsonable(options), sort_keys=True).encode())
     for label, state in (("model", model.state_dict()), ("prior", prior_state or {})):
         for key in sorted(state):

@@ -34,7 +34,7 @@ def gauss_newton_for(op) -> OutputCurvatureOperator:
     if isinstance(op, OutputCurvatureOperator):
         return op
     if isinstance(op, HessianOperator):
-        return GGNOperator.from_risk(op.risk, chunk_size=op.chunk_size)
+        return GGNOperator.from_risk(op.risk, chunk_size=op.chunk_size, memory_budget=op.memory_budget)
     raise TypeError(
         f"expected a GGNOperator, FisherOperator or HessianOperator, got {type(op).__name__}: the "
         "Gauss-Newton matrix needs the model, the loss and the data"

@@ -29,7 +29,7 @@ import torch
 from ..checks import check_choice, check_integer, check_positive
 from ..results import EigenResult
 from ..seeding import seeded_generator
-from .common import CountingOperator
+from .common import CountingOperator, inner
 from .probes import gaussian
 
 WHICH = ("LA", "SA", "LM")
@@ -57,7 +57,7 @@ def eigenvalues(
     check_choice("which", which, WHICH)
     tol = check_positive("tol", tol)
     generator, seed = seeded_generator(seed)
-    H = CountingOperator(op)
+    H = CountingOperator(op, native=method == "lanczos")
     if k > H.dim:
         raise ValueError(f"k={k} exceeds the operator dimension {H.dim}")
     if method == "lanczos":
@@ -92,64 +92,194 @@ def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def _orthonormalize(X: torch.Tensor, Q: torch.Tensor, scale: float) -> torch.Tensor:
-    """Orthogonalise the columns of X against Q (twice: CGS2) and among themselves; drop the
-    directions that vanish (norm below 1e-10·scale relative to the input).
+def _norm(x: torch.Tensor) -> float:
+    """‖x‖ of a column (dim × 1) summed in float64 (torch's float32 norm of 10⁷ entries is off by ~1e-4)."""
+    return math.sqrt(float(inner(x, x)))
+
+
+def _orthonormalize(X: torch.Tensor, Q: torch.Tensor, scale: float, passes: int = 2) -> torch.Tensor:
+    """Orthogonalise the columns of X against the orthonormal columns of Q (``passes`` times: twice,
+    CGS2, for arbitrary X) and among themselves; drop the directions that vanish (norm below
+    1e-10·scale relative to the input).
     """
-    for _ in range(2):
+    for _ in range(passes):
         if Q.shape[1]:
-            X = X - Q @ (Q.T @ X)
+            X = X - Q @ inner(Q, X).to(X.dtype)
     keep = []
     for j in range(X.shape[1]):
-        x = X[:, j]
-        norm0 = float(x.norm())
+        x = X[:, j : j + 1]
+        norm0 = _norm(x)
         for y in keep:
-            x = x - y * (y @ x)
-            x = x - y * (y @ x)
-        norm = float(x.norm())
+            x = x - y * float(inner(y, x))
+            x = x - y * float(inner(y, x))
+        norm = _norm(x)
         if norm > 1e-10 * max(norm0, scale):
             keep.append(x / norm)
-    return torch.stack(keep, dim=1) if keep else X[:, :0]
+    return torch.cat(keep, dim=1) if keep else X[:, :0]
+
+
+def _thin_qr(columns: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (dim × m, orthonormal; zero columns where a column depends on the ones before) and R
+    (m × m, float64, upper triangular) with [columns] = U R, by classical Gram–Schmidt applied twice:
+    for the few columns of a residual factor, far cheaper than LAPACK's QR of a tall matrix.
+    """
+    m = len(columns)
+    R = torch.zeros(m, m, dtype=torch.float64)
+    done: list[torch.Tensor] = []
+    for i, column in enumerate(columns):
+        x = column[:, None]  # overwritten: the columns are the caller's temporaries
+        for _ in range(2):
+            for row, u in enumerate(done):
+                c = float(inner(u, x))
+                x -= c * u
+                R[row, i] += c
+        norm = _norm(x)
+        R[i, i] = norm
+        done.append(x.div_(norm) if norm > 0 else x.zero_())
+    return torch.cat(done, dim=1), R
+
+
+class _KrylovBasis:
+    """The Rayleigh–Ritz state of :func:`_lanczos` without storing HQ.
+
+    Q (dim × j, orthonormal; stored as the rows of one preallocated ``capacity × dim`` buffer in the
+    operator's precision, so appending and restarting write in place), the projected matrix
+    M = QᵀHQ as computed (j × j, float64, not symmetrised; T = (M + Mᵀ)/2 is what Rayleigh–Ritz
+    diagonalises) and the part of HQ outside span(Q) in factored form F Gᵀ (F: dim × r orthonormal
+    and ⟂ Q, G: j × r float64), so that, for the products as computed,
+
+        H Q = Q M + F Gᵀ.
+
+    Each product H X adds its component outside the new span(Q) to F; the part of F along the newly
+    added directions moves into M. F Gᵀ is kept at its numerical rank (an SVD of the small factor
+    drops singular values below ``rank_tol`` times the largest: the rounding left when a direction of
+    F joins Q); in exact arithmetic that rank is the block size, since span(Q) is a (thick-restarted)
+    Krylov space. Projections take two passes, and every dot product and norm over the dimension is
+    summed in float64 (:func:`~hessian_tools.estimators.common.inner`): float32 BLAS sums them in
+    float32, off by a percent at dim ≈ 10⁷. A Ritz pair (θ, Qs) of T then has the residual
+
+        H Qs − θ Qs = Q (M − T) s + F Gᵀ s,     ‖·‖² = ‖(M − T) s‖² + ‖Gᵀ s‖²,
+
+    the explicit residual of the computed products (the first term is their asymmetry, i.e. their
+    rounding), from j × j and r × j numbers. Residuals, the next directions and restarts need only
+    F, G and M: O(dim·j) work and dim·(j + r) stored numbers per step instead of the dim·2j of Q and HQ.
+    """
+
+    def __init__(self, dim: int, capacity: int, dtype: torch.dtype, device):
+        self.rows = torch.empty(capacity, dim, dtype=dtype, device=device)
+        self.j = 0
+        self.M = torch.zeros(0, 0, dtype=torch.float64)
+        self.F = torch.zeros(dim, 0, dtype=dtype, device=device)
+        self.G = torch.zeros(0, 0, dtype=torch.float64)
+        self.rank_tol = 100 * torch.finfo(dtype).eps
+
+    @property
+    def Q(self) -> torch.Tensor:
+        return self.rows[: self.j].T
+
+    @property
+    def T(self) -> torch.Tensor:
+        return (self.M + self.M.T) / 2
+
+    def add(self, X: torch.Tensor, HX: torch.Tensor) -> None:
+        """Append the orthonormal columns X (⟂ Q) with their product HX."""
+        j, b = self.j, X.shape[1]
+        # Old columns: HQ_old = Q_old M + F Gᵀ, and F = X C + (F − X C) with C = XᵀF (two passes:
+        # a long dot product of nearly parallel vectors is only accurate to ~eps·√dim in one).
+        wd = X.dtype
+        C = inner(X, self.F)  # b × r
+        F_old = self.F.addmm_(X, C.to(wd), alpha=-1)  # in place: F is replaced below
+        C2 = inner(X, F_old)
+        F_old.addmm_(X, C2.to(wd), alpha=-1)
+        C += C2
+        lower = C @ self.G.T  # b × j: Xᵀ H Q_old
+        self.rows[j : j + b] = X.T
+        self.j = j + b
+        Q = self.Q
+        # New columns: HX = Q t + f with f ⟂ Q (two passes of classical Gram–Schmidt).
+        t = inner(Q, HX)
+        f = HX.clone()  # a user's operator may hand back a buffer it keeps
+        f.addmm_(Q, t.to(wd), alpha=-1)
+        c = inner(Q, f)
+        f.addmm_(Q, c.to(wd), alpha=-1)
+        t += c  # (j + b) × b
+        M = torch.zeros(j + b, j + b, dtype=torch.float64)
+        M[:j, :j] = self.M
+        M[j:, :j] = lower
+        M[:, j:] = t
+        self.M = M
+        r = F_old.shape[1]
+        G = torch.zeros(j + b, r + b, dtype=torch.float64)
+        G[:j, :r] = self.G
+        G[j:, r:] = torch.eye(b, dtype=torch.float64)
+        self._compress([*F_old.unbind(1), *f.unbind(1)], G)
+
+    def _compress(self, columns: list[torch.Tensor], G: torch.Tensor) -> None:
+        """F Gᵀ (F's ``columns``) refactored as F' G'ᵀ with F' orthonormal, at its numerical rank."""
+        U, R = _thin_qr(columns)
+        W, sigma, Zt = torch.linalg.svd(R @ G.T, full_matrices=False)
+        keep = sigma > self.rank_tol * float(sigma.max()) if sigma.numel() else sigma > 0
+        self.F = U @ W[:, keep].to(U.dtype)
+        self.G = Zt[keep].T * sigma[keep]
+
+    def residuals(self, S: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norms, coefficients) of the residuals of the Ritz vectors Q S of ``T``: their norms (m,),
+        and the coefficients (r × m) of their parts F·(coefficients) outside span(Q).
+        """
+        coefficients = self.G.T @ S
+        inside = (self.M - T) @ S
+        return (inside.square().sum(0) + coefficients.square().sum(0)).sqrt(), coefficients
+
+    def restart(self, S: torch.Tensor) -> None:
+        """Replace Q by Q S (orthonormal S: the kept Ritz vectors), in place."""
+        m, j = S.shape[1], self.j
+        St = S.T.to(device=self.rows.device)
+        step = 1 << 16  # columns of the buffer at a time, multiplied in float64
+        for start in range(0, self.rows.shape[1], step):
+            cols = slice(start, start + step)
+            self.rows[:m, cols] = St @ self.rows[:j, cols].double()
+        self.j = m
+        self.M = S.T @ self.M @ S
+        self.G = S.T @ self.G
 
 
 def _lanczos(H: CountingOperator, k, which, tol, atol, generator, max_hvps, block_size, max_basis):
     n = H.dim
     max_basis = min(n, max_basis or max(3 * k + 2 * block_size, 30))
     keep_on_restart = min(max(k + (max_basis - k) // 2, k), max_basis - block_size)
-    Q = torch.zeros(n, 0, dtype=torch.float64)
-    HQ = torch.zeros(n, 0, dtype=torch.float64)
-    X = gaussian(n, block_size, generator)
+    basis = _KrylovBasis(n, max(max_basis, block_size), H.dtype, H.device)
+    X = gaussian(n, block_size, generator, dtype=H.dtype, device=H.device)
+    passes = 2  # the next directions come from F, which is ⟂ Q already: they need no projection
     converged = False
     while True:
-        X = _orthonormalize(X, Q, 1.0)
+        X = _orthonormalize(X, basis.Q, 1.0, passes)
         if X.shape[1] == 0:
-            if Q.shape[1] >= n:
+            if basis.j >= n:
                 break  # the basis spans everything: Ritz pairs are exact
-            X = _orthonormalize(gaussian(n, 1, generator), Q, 1.0)  # invariant subspace: fresh direction
+            fresh = gaussian(n, 1, generator, dtype=H.dtype, device=H.device)
+            X = _orthonormalize(fresh, basis.Q, 1.0)  # invariant subspace: fresh direction
             if X.shape[1] == 0:
                 break
         X = X[:, : max(1, min(X.shape[1], max_hvps - H.hvps))]
-        HX = H.matmat(X).to(X.device)
-        Q, HQ = torch.cat([Q, X], dim=1), torch.cat([HQ, HX], dim=1)
-        T = Q.T @ HQ
-        theta, S = torch.linalg.eigh((T + T.T) / 2)
+        basis.add(X, H.matmat(X).to(X.device))
+        del X
+        T = basis.T
+        theta, S = torch.linalg.eigh(T)
         order = _order(theta, which)
-        want = order[: min(k, Q.shape[1])]
-        Y = Q @ S[:, want]
-        R = HQ @ S[:, want] - Y * theta[want]
-        res = R.norm(dim=0)
+        want = order[: min(k, basis.j)]
+        res, coefficients = basis.residuals(S[:, want], T)
         ok = res <= torch.clamp(tol * theta[want].abs(), min=atol)
-        if (len(want) == k and bool(ok.all())) or Q.shape[1] >= n:
+        if (len(want) == k and bool(ok.all())) or basis.j >= n:
             converged = len(want) == k
             break
         if H.hvps >= max_hvps:
             break
         pending = [i for i in range(len(want)) if not ok[i]] or list(range(len(want)))
-        X = R[:, pending[:block_size]]
-        if Q.shape[1] + X.shape[1] > max_basis:  # thick restart from the best Ritz vectors
-            kept = order[:keep_on_restart]
-            Q, HQ = Q @ S[:, kept], HQ @ S[:, kept]
+        X, passes = basis.F @ coefficients[:, pending[:block_size]].to(basis.F.dtype), 0
+        if basis.j + X.shape[1] > max_basis:  # thick restart from the best Ritz vectors
+            basis.restart(S[:, order[:keep_on_restart]])
     theta_w = theta[want]
+    Y = basis.Q @ S[:, want].to(basis.rows.dtype)
     # Final ordering for the caller: LA descending, SA ascending, LM by magnitude.
     return theta_w.cpu(), Y.cpu(), res.cpu(), bool(converged and len(want) == k)
 

@@ -27,8 +27,8 @@ from ..checks import check_integer
 from ..results import Z95, BlockTrace, TraceResult
 from ..seeding import seeded_generator
 from ..stats import mean_and_stderr
-from .common import CountingOperator, block_index, block_sums, check_rtol
-from .probes import rademacher
+from .common import CountingOperator, check_rtol, columns_per_pass
+from .probes import rademacher_blocks
 
 
 @dataclasses.dataclass
@@ -54,20 +54,33 @@ def sample_quadratic_forms(
     """Draw Rademacher probes z in blocks, w = project(z) (identity by default), and record wᵀHw.
 
     With ``rtol`` the loop stops once 1.96·stderr ≤ rtol·|offset + mean| (after ``min_probes``);
-    ``offset`` is an exactly known part of the trace (Hutch++'s sketch).
+    ``offset`` is an exactly known part of the trace (Hutch++'s sketch). A block is multiplied in
+    pieces of :func:`~hessian_tools.estimators.common.columns_per_pass` columns (the same probes
+    and samples; only one piece and its product are held), the samples summed in float64.
     """
-    names, index = block_index(H.blocks, H.dim)
+    slices = [b.slice for b in H.blocks] if H.blocks else None
     totals, per_block, drawn = [], [], 0
     converged = rtol is None
     while drawn < budget:
         size = _next_block(totals, drawn, budget, min_probes, block_size, rtol, offset)
-        W = rademacher(H.dim, size, generator)
-        if project is not None:
-            W = project(W)
-        products = W * H.matmat(W).to(W.device)
-        totals.append(products.sum(0))
-        if names is not None:
-            per_block.append(block_sums(products, index, len(names)))
+        width = columns_per_pass(H, max(size, 1))
+        sums = torch.zeros(size, dtype=torch.float64)
+        parts = torch.zeros(len(slices), size, dtype=torch.float64) if slices is not None else None
+        for start, stop, W in rademacher_blocks(H.dim, size, generator, width, H.dtype, H.device):
+            if project is not None:
+                W = project(W)
+            HW = H.matmat(W).to(W.device)
+            for i in range(stop - start):
+                products = W[:, i] * HW[:, i]  # exact for ±1 probes; summed in float64
+                sums[start + i] = float(products.sum(dtype=torch.float64))
+                if parts is not None:
+                    parts[:, start + i] = torch.stack(
+                        [products[s].sum(dtype=torch.float64) for s in slices]
+                    ).cpu()
+            del W, HW
+        totals.append(sums)
+        if parts is not None:
+            per_block.append(parts)
         drawn += size
         if rtol is not None and drawn >= min_probes and _within(torch.cat(totals), rtol, offset):
             converged = True
@@ -102,7 +115,7 @@ def hutchinson(
     if n_probes is None:
         n_probes = 100 if rtol is None else max_hvps
     check_integer("n_probes", n_probes, 2)
-    H = CountingOperator(op)
+    H = CountingOperator(op, native=True)
     generator, seed = seeded_generator(seed)
     drawn = sample_quadratic_forms(
         H, generator, min(n_probes, max_hvps), rtol=rtol, min_probes=min_probes, block_size=block_size

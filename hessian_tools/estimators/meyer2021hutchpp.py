@@ -22,9 +22,18 @@ import torch
 from ..checks import check_integer
 from ..results import TraceResult
 from ..seeding import seeded_generator
-from .common import CountingOperator, block_index, block_sums, check_rtol
+from .common import (
+    CountingOperator,
+    block_index,
+    block_sums,
+    check_rtol,
+    columns_per_pass,
+    inner,
+    orthonormal_columns,
+    subtract_product,
+)
 from .hutchinson import block_results, sample_quadratic_forms, trace_result
-from .probes import rademacher
+from .probes import rademacher_blocks
 
 
 def hutchpp(
@@ -46,7 +55,7 @@ def hutchpp(
     """
     rtol = check_rtol(rtol)
     check_integer("max_hvps", max_hvps, 3)
-    H = CountingOperator(op)
+    H = CountingOperator(op, native=True)
     if sketch is None:
         sketch = max_hvps // 3 if rtol is None else min(max_hvps // 3, 20)
     check_integer("sketch", sketch)
@@ -56,12 +65,23 @@ def hutchpp(
             f"max_hvps={max_hvps} leaves no residual probes after a sketch of {sketch} (needs 2·sketch + 2)"
         )
     generator, seed = seeded_generator(seed)
-    S = rademacher(H.dim, sketch, generator)
-    Q, _ = torch.linalg.qr(H.matmat(S))
-    HQ = H.matmat(Q)
-    exact_diag = (Q * HQ).sum(1, keepdim=True)  # diag(QQᵀH), sums to tr(QᵀHQ)
+    # The sketch, its range Q and diag(QQᵀH) = Σ_l Q_il (HQ)_il, a few columns at a time: only HS
+    # and Q are ever held whole (in the operator's precision).
+    width = columns_per_pass(H, max(sketch, 1))
+    Y = torch.empty(H.dim, sketch, dtype=H.dtype, device=H.device)
+    for start, stop, S in rademacher_blocks(H.dim, sketch, generator, width, H.dtype, H.device):
+        Y[:, start:stop] = H.matmat(S)
+        del S
+    Q = orthonormal_columns(Y)  # float64: Householder QR; float32: in place, Grams in float64
+    del Y
+    exact_diag = torch.zeros(H.dim, 1, dtype=torch.float64, device=H.device)  # diag(QQᵀH): sums to tr(QᵀHQ)
+    for start in range(0, sketch, width):
+        HQ = H.matmat(Q[:, start : start + width])
+        for i in range(HQ.shape[1]):
+            exact_diag[:, 0].addcmul_(Q[:, start + i], HQ[:, i])
+        del HQ
     exact = float(exact_diag.sum())
-    names, index = block_index(H.blocks, H.dim)
+    names, index = block_index(H.blocks, H.dim, device=H.device)
     exact_blocks = block_sums(exact_diag, index, len(names))[:, 0] if names is not None else None
     if sketch >= H.dim:  # Q spans everything: the trace is exact
         return TraceResult(
@@ -79,7 +99,7 @@ def hutchpp(
         )
 
     def project(Z: torch.Tensor) -> torch.Tensor:
-        return Z - Q @ (Q.T @ Z)
+        return subtract_product(Z, Q, inner(Q, Z))  # Z − Q QᵀZ, in place
 
     drawn = sample_quadratic_forms(
         H,

@@ -50,8 +50,8 @@ def model_output(outputs: Any) -> torch.Tensor:
     if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
         return outputs[0]
     raise TypeError(
-        f"the model returned a {type(outputs).__name__}; expected a tensor, a dict with 'logits', "
-        "an object with .logits, or a tuple whose first item is a tensor"
+        f"the model returned a {type(outputs).__name__}; expected a tensor, a dict with 'logits', an object "
+        "with .logits, or a tuple whose first item is a tensor"
     )
 
 
@@ -198,6 +198,40 @@ class EmpiricalRisk:
             total.add_(value.detach().to(torch.float64), alpha=float(n))
             count += n
         return total, count
+
+    def weighted_mean(
+        self,
+        per_batch: Callable[[int, Any, torch.Tensor], torch.Tensor],
+        shape: tuple[int, ...],
+        what: str,
+        reducer=None,
+    ) -> torch.Tensor:
+        """(1/N) Σ_b n_b · per_batch(b) over the data, without buffers beyond what the sum needs.
+
+        Data that is one batch: its value itself (no copy, no rounding). Several batches: the sum is
+        kept in one float64 buffer, updated in place. With a ``reducer`` (data-parallel use) the
+        float64 sum and the count are summed over the ranks first (:meth:`weighted_sum`).
+        """
+        if reducer is not None:
+            total, count = self.weighted_sum(per_batch, torch.zeros(shape, dtype=torch.float64), what)
+            total, count = reducer.sum_block(total, count)
+            return total / count
+        first, total, count = None, None, 0
+        for index, inputs, targets, n in self.batches():
+            value = per_batch(index, inputs, targets)
+            check_finite(value, index, what)
+            value = value.detach()
+            if count == 0:
+                first = value
+            else:
+                if total is None:
+                    total = first.to(torch.float64).mul_(float(count))
+                    first = None
+                total.add_(value, alpha=float(n))
+            count += n
+        if count == 0:
+            raise ValueError("the data is empty: no batch with at least one sample")
+        return first if total is None else total.div_(count)
 
     @property
     def num_samples(self) -> int:

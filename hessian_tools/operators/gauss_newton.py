@@ -49,6 +49,7 @@ from ..seeding import MAX_SEED, resolve_seed
 from .base import LinearOperator
 from .empirical_risk import EmpiricalRisk, check_finite, functional_model_call, model_output
 from .hessian import DEFAULT_CHUNK
+from .memory import ChunkPlanner, release_freed_memory, resolve_budget, saved_activation_bytes
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 FISHER_KINDS = ("empirical", "true")
@@ -166,6 +167,7 @@ class OutputCurvatureOperator(LinearOperator):
         device: str | torch.device | None = None,
         chunk_size: int | None = DEFAULT_CHUNK,
         max_batch_size: int | None = None,
+        memory_budget: int | str | None = "auto",
     ):
         loss = loss_name(loss_fn)
         risk = EmpiricalRisk(
@@ -178,23 +180,29 @@ class OutputCurvatureOperator(LinearOperator):
             device=device,
             max_batch_size=max_batch_size,
         )
-        self._attach(risk, chunk_size)
+        self._attach(risk, chunk_size, memory_budget)
 
     @classmethod
-    def from_risk(cls, risk: EmpiricalRisk, chunk_size: int | None = DEFAULT_CHUNK, **options):
+    def from_risk(
+        cls,
+        risk: EmpiricalRisk,
+        chunk_size: int | None = DEFAULT_CHUNK,
+        memory_budget: int | str | None = "auto",
+        **options,
+    ):
         """The operator over an existing data loop (e.g. a HessianOperator's ``risk``): same model,
-        loss, data, parameters, dtype and device.
+        loss, data, parameters, dtype and device (and micro-batches, when a budget asks for them).
         """
         op = cls.__new__(cls)
         op._configure(**options)
-        op._attach(risk, chunk_size)
+        op._attach(risk, chunk_size, memory_budget)
         return op
 
     def _configure(self, **options) -> None:
         if options:
             raise TypeError(f"unexpected options {sorted(options)}")
 
-    def _attach(self, risk: EmpiricalRisk, chunk_size: int | None) -> None:
+    def _attach(self, risk: EmpiricalRisk, chunk_size: int | None, memory_budget="auto") -> None:
         if risk.mode != "eval":
             raise ValueError("Gauss-Newton and Fisher operators need independent samples: use mode='eval'")
         self.loss = loss_name(risk.loss_fn)
@@ -206,6 +214,30 @@ class OutputCurvatureOperator(LinearOperator):
         self.passes = 0
         #: how J·V is computed: "jvp" (forward mode), or "vjp-transpose" once forward mode failed
         self.push_strategy = "jvp"
+        #: the chunk (and micro-batches) under the memory budget, as for HessianOperator
+        self.planner = ChunkPlanner(
+            resolve_budget(memory_budget, risk.device), risk, self.chunk_size, self._planned, self._estimate
+        )
+
+    @property
+    def memory_plan(self):
+        """The :class:`~hessian_tools.operators.memory.MemoryPlan` of the latest product (None before one)."""
+        return self.planner.plan
+
+    def _planned(self, path, inputs, targets, index, V, chunk) -> torch.Tensor:
+        params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
+        return self._batch_product(params, fixed, inputs, targets, V, index, chunk)
+
+    def _estimate(self, inputs, targets) -> tuple[int, int]:
+        """(fixed, per column) bytes where no peak reading exists: twice the activations the
+        forward pass saves, and per column twice again plus four parameter-sized buffers.
+        """
+        params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
+        for p in params.values():
+            p.requires_grad_(True)
+        saved = saved_activation_bytes(lambda: self._outputs_fn(fixed, inputs)(params))
+        column = self.planner.column_bytes
+        return 2 * saved + 2 * column, 2 * saved + 4 * column
 
     @property
     def num_samples(self) -> int:
@@ -220,8 +252,10 @@ class OutputCurvatureOperator(LinearOperator):
         model = self.risk.model
         return lambda p: model_output(functional_model_call(model, {**fixed, **p}, inputs))
 
-    def _batch_product(self, params, fixed, inputs, targets, V: torch.Tensor, index: int) -> torch.Tensor:
-        """(1/n_b) Σ_{n∈b} J_nᵀ M_n J_n V for one batch, (dim, K)."""
+    def _batch_product(
+        self, params, fixed, inputs, targets, V: torch.Tensor, index: int, chunk: int | None = None
+    ) -> torch.Tensor:
+        """(1/n_b) Σ_{n∈b} J_nᵀ M_n J_n V for one batch, (dim, K), ``chunk`` columns per vmap."""
         names, K = self.param_names, V.shape[1]
         outputs_of = self._outputs_fn(fixed, inputs)
         z, pullback = vjp(outputs_of, params)
@@ -229,7 +263,7 @@ class OutputCurvatureOperator(LinearOperator):
         z_flat = flat_outputs(z.detach(), self.loss)
         factors = self.output_factors(z_flat, targets, index)  # (n, R, C)
         cols = [V[b.slice].T.reshape(K, *b.shape) for b in self.blocks]
-        JV = self._push_forward(outputs_of, params, pullback, z, cols).reshape(K, *z_flat.shape)
+        JV = self._push_forward(outputs_of, params, pullback, z, cols, chunk).reshape(K, *z_flat.shape)
         coefficients = torch.einsum("nrc,knc->knr", factors, JV)
         back = torch.einsum("nrc,knr->knc", factors, coefficients) / z_flat.shape[0]
 
@@ -237,10 +271,10 @@ class OutputCurvatureOperator(LinearOperator):
             (g,) = pullback(u.reshape(z.shape))
             return tuple(g[n] for n in names)
 
-        pulled = vmap(pull, chunk_size=self.chunk_size)(back)
+        pulled = vmap(pull, chunk_size=chunk)(back)
         return torch.cat([h.reshape(K, -1) for h in pulled], dim=1).T
 
-    def _push_forward(self, outputs_of, params, pullback, z, cols) -> torch.Tensor:
+    def _push_forward(self, outputs_of, params, pullback, z, cols, chunk: int | None) -> torch.Tensor:
         """(K, *z.shape): J·v for every column, by forward mode (``jvp``); for a model without
         forward-mode rules, by the transpose of the pull-back (J v = ∂/∂u ⟨Jᵀu, v⟩, reverse over reverse).
         """
@@ -248,25 +282,27 @@ class OutputCurvatureOperator(LinearOperator):
         if self.push_strategy == "jvp":
             try:
                 push = lambda *c: jvp(outputs_of, (params,), (dict(zip(names, c)),))[1]  # noqa: E731
-                return vmap(push, chunk_size=self.chunk_size)(*cols)
+                return vmap(push, chunk_size=chunk)(*cols)
             except (NotImplementedError, RuntimeError):  # no forward-mode rule for some operation
                 self.push_strategy = "vjp-transpose"
         _, transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(z))
         push = lambda *c: transpose(dict(zip(names, c)))[0]  # noqa: E731
-        return vmap(push, chunk_size=self.chunk_size)(*cols)
+        return vmap(push, chunk_size=chunk)(*cols)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         V = V.to(device=self.device, dtype=self.dtype)
-        zero = torch.zeros(self.dim, V.shape[1], dtype=torch.float64)
+        chunk = self.planner.chunk("func", V.shape[1])
         with self.risk.computation_mode():
             params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
 
             def product(index, inputs, targets):
-                return self._batch_product(params, fixed, inputs, targets, V, index)
+                return self._batch_product(params, fixed, inputs, targets, V, index, chunk)
 
-            total, count = self.risk.weighted_sum(product, zero, f"{type(self).__name__} product")
+            mean = self.risk.weighted_mean(product, (self.dim, V.shape[1]), f"{type(self).__name__} product")
+        if self.device.type == "cpu":
+            release_freed_memory()
         self.passes += 1
-        return (total / count).to(self.dtype)
+        return mean.to(self.dtype)
 
     # ------------------------------------------------------------------ exact trace
     def exact_trace(self, sample_chunk: int = 16) -> tuple[torch.Tensor, int]:
@@ -316,8 +352,8 @@ class GGNOperator(OutputCurvatureOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, mode, dtype, device, chunk_size, max_batch_size: as for
-        :class:`~hessian_tools.operators.hessian.HessianOperator`; ``loss_fn`` is cross-entropy or
+    model, loss_fn, data, params, mode, dtype, device, chunk_size, max_batch_size, memory_budget: as
+        for :class:`~hessian_tools.operators.hessian.HessianOperator`; ``loss_fn`` is cross-entropy or
         MSE (batch mean), ``mode`` must be ``"eval"``.
     """
 
@@ -338,8 +374,8 @@ class FisherOperator(OutputCurvatureOperator):
         labels per sample.
     seed: the seed of the sampled labels (``None``: drawn and recorded in ``self.seed``); labels of
         batch b come from a generator seeded by (seed, b), so every product uses the same labels.
-    **options: ``mode``, ``dtype``, ``device``, ``chunk_size``, ``max_batch_size`` as for
-        :class:`GGNOperator`.
+    **options: ``mode``, ``dtype``, ``device``, ``chunk_size``, ``max_batch_size``, ``memory_budget``
+        as for :class:`GGNOperator`.
     """
 
     def __init__(

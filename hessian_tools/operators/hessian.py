@@ -12,10 +12,19 @@ forward pass and the gradient graph are shared by all K columns, either by torch
 forward-over-reverse (``vmap`` over ``jvp(grad(ℓ_b))``) or by a batched double backward through
 autograd (``autograd.grad(∇ℓ_b, θ, V, is_grads_batched=True)``). Data is streamed: memory does
 not grow with N.
+
+Memory. The columns go through the model in chunks, and the chunk comes from a memory budget
+(``memory_budget``, by default a quarter of the available memory): on its first product the
+operator measures what one more column costs on the first batch and takes as many columns per
+chunk as fit, at most ``chunk_size``; a batch that does not fit even one column is split into
+micro-batches, with the same exact sample weighting (:mod:`hessian_tools.operators.memory`).
+Sums over several batches are kept in float64; the product of data that is one batch is returned
+as computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -28,14 +37,27 @@ from ..checks import check_choice, check_integer
 from ..errors import NondeterminismError, NonFiniteError
 from .base import LinearOperator
 from .empirical_risk import EmpiricalRisk, check_finite
+from .memory import ChunkPlanner, PeakMeter, release_freed_memory, resolve_budget, saved_activation_bytes
 from .params import flatten
 
 BACKENDS = ("auto", "func", "autograd")
 SMALL_BLOCK = 2  # with backend="auto", blocks of at most this many columns use the double backward
-# Columns per vmap / batched backward. Larger chunks fall out of cache: measured per probe at K=64,
-# as multiples of one gradient, unchunked → chunks of 16: CNN 2.97 → 1.34, ResNet 4.73 → 2.11,
-# MLP 3.03 → 2.33.
+# Columns per vmap / batched backward at most (the memory budget may choose fewer). Larger chunks fall
+# out of cache: measured per probe at K=64, as multiples of one gradient, unchunked → chunks of 16:
+# CNN 2.97 → 1.34, ResNet 4.73 → 2.11, MLP 3.03 → 2.33.
 DEFAULT_CHUNK = 16
+# backend="auto": vmap is used for blocks only if its second column costs less than this fraction of the
+# second column of a shared graph (the lean way); decided by timing products that take at least TIMED_ABOVE_S.
+# ResNet-18 (11 M parameters, 128 images, 1 thread): vmap 0.74 s vs 0.58 s per further column, 250 vs 55 MB.
+LEAN_BIAS = 0.7
+TIMED_ABOVE_S = 0.05
+SMALL_SHARE = 1 / 8
+
+
+def _chunks(columns: int, chunk: int | None):
+    """(start, stop) of consecutive column chunks of at most ``chunk`` columns (None: all at once)."""
+    step = chunk or max(columns, 1)
+    return [(start, min(start + step, columns)) for start in range(0, columns, step)]
 
 
 class HessianOperator(LinearOperator):
@@ -50,7 +72,11 @@ class HessianOperator(LinearOperator):
     backend: ``"auto"`` (torch.func, falling back to autograd when the model cannot be traced),
         ``"func"`` or ``"autograd"``.
     chunk_size: at most this many probe columns are pushed through one vmap/batched backward at
-        once (default 16: faster and bounded memory; ``None`` = all K at once).
+        once (default 16; ``None`` = all K at once); the memory budget may choose fewer.
+    memory_budget: bytes the transient memory of one product may take (an int, or a size string
+        such as ``"4GB"``, ``"512MB"``, ``"2.5GiB"``); ``"auto"`` (default): a quarter of the memory
+        available now (free device memory on CUDA); ``None``: no budget (chunks of ``chunk_size``,
+        batches as given). The chosen chunk and micro-batch size are in ``memory_plan``.
     check_determinism: evaluate the first batch twice and refuse the operator if the two losses
         differ (e.g. dropout in train mode): such an "H" is not a fixed matrix.
     reducer: for data-parallel use only: an object whose ``sum_block(total, count)`` and
@@ -74,6 +100,7 @@ class HessianOperator(LinearOperator):
         check_determinism: bool = True,
         reducer=None,
         max_batch_size: int | None = None,
+        memory_budget: int | str | None = "auto",
     ):
         check_choice("backend", backend, BACKENDS)
         self.chunk_size = None if chunk_size is None else check_integer("chunk_size", chunk_size)
@@ -98,6 +125,14 @@ class HessianOperator(LinearOperator):
         self._auto = backend == "auto"
         self._func_strategy = "forward-over-reverse"
         self._cast_model: nn.Module | None = None
+        self._graph_is_faster: bool | None = None
+        self.planner = ChunkPlanner(
+            resolve_budget(memory_budget, self.device),
+            self.risk,
+            self.chunk_size,
+            self._batch_product,
+            self._estimate_costs,
+        )
         if check_determinism or self.backend in ("auto", "func"):
             self._probe_first_batch(check_determinism)
 
@@ -136,26 +171,92 @@ class HessianOperator(LinearOperator):
         """The selected parameters' current values as one flat vector (same order as H)."""
         return self.risk.flat_parameters()
 
+    @property
+    def memory_budget(self) -> int | None:
+        """The memory budget in bytes (None: none)."""
+        return self.planner.budget
+
+    @property
+    def memory_plan(self):
+        """The :class:`~hessian_tools.operators.memory.MemoryPlan` of the latest product (None before one)."""
+        return self.planner.plan
+
     # ------------------------------------------------------------------ products
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         V = V.to(device=self.device, dtype=self.dtype)
-        # One or two columns: vmap's batching overhead outweighs its gain, and the plain double
-        # backward is faster (measured 3× on the small ResNet); both compute the same exact product.
-        use_autograd = self.backend == "autograd" or (self._auto and V.shape[1] <= SMALL_BLOCK)
-        zero = torch.zeros(self.dim, V.shape[1], dtype=torch.float64)
+        path = self._path(V.shape[1])
+        if path == "func" and self._auto and self._shared_graph_is_faster():
+            path, chunk = "autograd", self.planner.loop("autograd")
+        else:
+            chunk = self.planner.chunk(path, V.shape[1])
         with self.risk.computation_mode():
             params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
-            if use_autograd:
-                model = self._autograd_model()
-                product = lambda index, inputs, targets: self._batch_hvp_autograd(
-                    model, inputs, targets, V, index
-                )
-            else:
-                product = lambda index, inputs, targets: self._batch_hvp_func(
-                    params, fixed, inputs, targets, V, index
-                )
-            total, count = self.risk.weighted_sum(product, zero, "Hessian-vector product")
-        return self._mean(total, count)
+            model = self._autograd_model() if path == "autograd" else None
+            product = lambda index, inputs, targets: self._batch_product(
+                path, inputs, targets, index, V, chunk, params=params, fixed=fixed, model=model
+            )
+            mean = self.risk.weighted_mean(
+                product, (self.dim, V.shape[1]), "Hessian-vector product", reducer=self.reducer
+            )
+        if self.device.type == "cpu":
+            release_freed_memory()  # the pass's graph and activations: back to the system, not kept resident
+        self.passes += 1
+        return mean.to(self.dtype)
+
+    def _path(self, columns: int) -> str:
+        """How a block of ``columns`` columns is multiplied: ``"func"`` or ``"autograd"``."""
+        # One or two columns: vmap's batching overhead outweighs its gain, and the plain double
+        # backward is faster (measured 3× on the small ResNet); both compute the same exact product.
+        if self.backend == "autograd" or (self._auto and columns <= SMALL_BLOCK):
+            return "autograd"
+        return "func"
+
+    def _shared_graph_is_faster(self) -> bool:
+        """With ``backend="auto"`` and a budget, for blocks of more than two columns: whether one
+        graph per batch with one double backward per column (the leanest way: its columns cost only
+        their output) beats vmap. Decided once, from the time the second column adds to a product on
+        the first batch by either way; vmap has to be clearly faster (:data:`LEAN_BIAS`), and products
+        cheaper than :data:`TIMED_ABOVE_S`, or whose chunks take under :data:`SMALL_SHARE` of the budget,
+        keep vmap (their timings are noise; they cost little memory).
+        """
+        if self._graph_is_faster is None:
+            self._graph_is_faster = False
+            budget = self.planner.budget
+            if budget is not None and self._vmap_block_bytes() > budget * SMALL_SHARE:
+                f1 = self.planner.measure("func", 1, 1, timed=True)
+                if f1.seconds >= TIMED_ABOVE_S:
+                    f2 = self.planner.measure("func", 2, 2, timed=True)
+                    a1 = self.planner.measure("autograd", 1, 1, timed=True)
+                    a2 = self.planner.measure("autograd", 2, 1, timed=True)
+                    self._graph_is_faster = f2.seconds - f1.seconds > LEAN_BIAS * (a2.seconds - a1.seconds)
+        return self._graph_is_faster
+
+    def _vmap_block_bytes(self) -> int:
+        """What a chunk of the vmap path costs at most (its plan: fixed + chunk·per column)."""
+        chunk = self.planner.chunk("func", self.dim if self.chunk_size is None else self.chunk_size)
+        plan = self.planner.plans["func"]
+        return plan.fixed + chunk * plan.per_column
+
+    def _batch_product(
+        self, path, inputs, targets, index, V, chunk, *, params=None, fixed=None, model=None
+    ) -> torch.Tensor:
+        """H_b·V on one batch by ``path``, ``chunk`` columns at a time (call in computation mode)."""
+        if path == "autograd":
+            return self._batch_hvp_autograd(model or self._autograd_model(), inputs, targets, V, index, chunk)
+        if params is None:
+            params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
+        return self._batch_hvp_func(params, fixed, inputs, targets, V, index, chunk)
+
+    def _estimate_costs(self, inputs, targets) -> tuple[int, int]:
+        """(fixed, per column) bytes of a product on this batch where no peak reading exists: the
+        forward and gradient graph hold about twice the saved activations, each column its tangents
+        (twice again) and four parameter-sized buffers (the column, its tangent, the product, a copy).
+        """
+        model = self._autograd_model()
+        with torch.enable_grad():
+            saved = saved_activation_bytes(lambda: self.risk.module_loss(model, inputs, targets))
+        column = self.planner.column_bytes
+        return 2 * saved + 2 * column, 2 * saved + 4 * column
 
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
         """The full-data mean loss f(θ) and its gradient ∇f (flat, length ``dim``) in one pass."""
@@ -172,6 +273,7 @@ class HessianOperator(LinearOperator):
         return float(packed[-1]), packed[:-1].to(self.dtype)
 
     def _mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        """(Σ over ranks of) total / count in the operator's dtype; counts a pass."""
         if self.reducer is not None:
             total, count = self.reducer.sum_block(total, count)
         self.passes += 1
@@ -193,20 +295,22 @@ class HessianOperator(LinearOperator):
 
         return loss
 
-    def _batch_hvp_func(self, params, fixed, inputs, targets, V: torch.Tensor, index: int) -> torch.Tensor:
+    def _batch_hvp_func(
+        self, params, fixed, inputs, targets, V: torch.Tensor, index: int, chunk: int | None
+    ) -> torch.Tensor:
         grad_fn = grad(self._loss_of(params, fixed, inputs, targets), has_aux=True)
         names = self.param_names
-        K = V.shape[1]
-        # V is (dim, K); vmap over the K columns, each split into parameter-shaped tangents.
-        cols = [V[b.slice].T.reshape(K, *b.shape) for b in self.blocks]
         if self._func_strategy == "forward-over-reverse":
 
             def hvp(*columns):
                 (_, loss), (hv, _) = jvp(grad_fn, (params,), (dict(zip(names, columns)),))
                 return tuple(hv[n] for n in names), loss
 
-            hv, loss = vmap(hvp, chunk_size=self.chunk_size)(*cols)
-            check_finite(loss[0], index, "loss")
+            def product(cols):
+                hv, loss = vmap(hvp)(*cols)
+                check_finite(loss[0], index, "loss")
+                return hv
+
         else:  # reverse-over-reverse: one gradient graph, K vector-Jacobian products
             (_, loss), pullback = vjp(grad_fn, params)
             check_finite(loss, index, "loss")
@@ -215,34 +319,44 @@ class HessianOperator(LinearOperator):
                 (hv,) = pullback((dict(zip(names, columns)), torch.zeros_like(loss)))
                 return tuple(hv[n] for n in names)
 
-            hv = vmap(hvp, chunk_size=self.chunk_size)(*cols)
-        return torch.cat([h.reshape(K, -1) for h in hv], dim=1).T
+            def product(cols):
+                return vmap(hvp)(*cols)
+
+        out = torch.empty_like(V)
+        for start, stop in _chunks(V.shape[1], chunk):
+            # V[:, start:stop] is (dim, k): vmap over its k columns, split into parameter-shaped tangents.
+            k = stop - start
+            hv = product([V[b.slice, start:stop].T.reshape(k, *b.shape) for b in self.blocks])
+            for b, h in zip(self.blocks, hv):
+                out[b.slice, start:stop] = h.reshape(k, -1).T
+            del hv
+        return out
 
     def _batch_hvp_autograd(
-        self, model: nn.Module, inputs, targets, V: torch.Tensor, index: int
+        self, model: nn.Module, inputs, targets, V: torch.Tensor, index: int, chunk: int | None
     ) -> torch.Tensor:
         selected = set(self.param_names)
         params = [p for n, p in model.named_parameters() if n in selected]  # model order = flat order
+        out = torch.empty_like(V)
         with torch.enable_grad():
             loss = self.risk.module_loss(model, inputs, targets)
             check_finite(loss, index, "loss")
             flat_grad = flatten(torch.autograd.grad(loss, params, create_graph=True))
-            K = V.shape[1]
-            step = self.chunk_size or K
-            pieces = []
-            for start in range(0, K, step):
-                block = V[:, start : start + step].T.contiguous()  # (k, dim)
+            for start, stop in _chunks(V.shape[1], chunk):
+                block = V[:, start:stop].T.contiguous()  # (k, dim)
                 try:
                     hv = torch.autograd.grad(
                         flat_grad, params, grad_outputs=block, retain_graph=True, is_grads_batched=True
                     )
-                    pieces.append(torch.cat([h.reshape(block.shape[0], -1) for h in hv], dim=1))
+                    for b, h in zip(self.blocks, hv):
+                        out[b.slice, start:stop] = h.detach().reshape(stop - start, -1).T
                 except RuntimeError:
                     # Some ops have no batching rule: fall back to one backward per column.
-                    for row in block:
+                    for j, row in enumerate(block):
                         hv = torch.autograd.grad(flat_grad, params, grad_outputs=row, retain_graph=True)
-                        pieces.append(flatten(hv)[None, :])
-        return torch.cat(pieces, dim=0).T.detach()
+                        out[:, start + j] = flatten(hv).detach()
+                del hv, block
+        return out
 
     def _autograd_model(self) -> nn.Module:
         """The model the autograd backend differentiates: the model itself, or a copy in the
@@ -292,7 +406,10 @@ class HessianOperator(LinearOperator):
         for strategy in ("forward-over-reverse", "reverse-over-reverse"):
             self._func_strategy = strategy
             try:
-                self._batch_hvp_func(params, fixed, inputs, targets, probe, index)
+                meter = PeakMeter(self.device) if self.planner.budget is not None else None
+                with meter or contextlib.nullcontext():
+                    self._batch_hvp_func(params, fixed, inputs, targets, probe, index, 1)
+                self.planner.record("func", 1, 1, meter.peak if meter is not None else None)
                 self.backend = "func"
                 return
             except (NonFiniteError, NondeterminismError):
