@@ -235,3 +235,19 @@ def test_gauss_newton_products_under_a_tiny_budget_equal_unbudgeted_ones(kind):
     V = torch.randn(free.dim, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(tight.matmat(V), free.matmat(V), rtol=1e-12, atol=1e-14)
     assert tight.memory_plan.chunk == 1 and tight.memory_plan.max_batch_size == 1
+
+
+def test_auto_trace_method_is_xtrace_only_where_its_sketch_fits_the_budget():
+    from hessian_tools.app.analyses import XTRACE_COLUMNS_PER_PROBE, trace_method_for
+
+    dim, hvps = 1000, 48
+    sketch = XTRACE_COLUMNS_PER_PROBE * dim * (hvps // 2) * 8
+    fits = AnalysisSettings(trace_max_hvps=hvps, memory_budget=sketch)
+    assert trace_method_for(fits, dim) == "xtrace"
+    assert trace_method_for(AnalysisSettings(trace_max_hvps=hvps, memory_budget=sketch - 1), dim) == "hutchpp"
+    assert trace_method_for(AnalysisSettings(trace_max_hvps=hvps, memory_budget=None), 10**9) == "xtrace"
+    # an explicit choice is kept whatever the budget
+    chosen = AnalysisSettings(trace_method="xtrace", trace_max_hvps=hvps, memory_budget=1)
+    assert trace_method_for(chosen, dim) == "xtrace"
+    with pytest.raises(ValueError, match="trace_method"):
+        AnalysisSettings(trace_method="hutch")

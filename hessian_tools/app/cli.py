@@ -17,10 +17,8 @@ from pathlib import Path
 from .. import __version__
 from ..estimators.diagonal import METHODS as DIAGONAL_METHODS
 from ..estimators.paired import PAIRED_METHODS
-from ..estimators.trace import DEFAULT_METHOD as DEFAULT_TRACE_METHOD
-from ..estimators.trace import METHODS as TRACE_METHODS
 from ..optim import BASES, METHODS
-from .analyses import ANALYSES, DEFAULT_ANALYSES, POSTERIORS
+from .analyses import ANALYSES, DEFAULT_ANALYSES, POSTERIORS, TRACE_METHODS
 from .experiments.matrix_sensing import METHODS as SENSING_METHODS
 from .experiments.matrix_sensing import OBJECTIVES as SENSING_OBJECTIVES
 from .pipeline import AnalysisSettings
@@ -208,8 +206,9 @@ def _add_analyze(sub) -> None:
     p.add_argument(
         "--trace-method",
         choices=TRACE_METHODS,
-        default=DEFAULT_TRACE_METHOD,
-        help=f"trace estimator (default {DEFAULT_TRACE_METHOD}: adaptive, with a jackknife error bar)",
+        default="auto",
+        help="trace estimator (default auto: adaptive XTrace with a jackknife error bar where its sketch "
+        "fits the memory budget, else Hutch++, which streams its probes)",
     )
     p.add_argument(
         "--diag-method",
@@ -435,7 +434,7 @@ def _settings(args, what):
         params=args.params,
         batch_size=args.batch_size,
         seed=args.seed,
-        trace_method=getattr(args, "trace_method", DEFAULT_TRACE_METHOD),
+        trace_method=getattr(args, "trace_method", "auto"),
         trace_rtol=getattr(args, "rtol", 0.02),
         trace_max_hvps=max_hvps,
         eig_max_hvps=max_hvps,

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..estimators import eigenvalues, trace
+from .analyses import trace_method_for
 from .io import atomic_write_json, read_json
 from .pipeline import AnalysisSettings, make_operator
 from .runs import build_run_model, load_run
@@ -37,9 +38,8 @@ def sharpness_curve(
         if progress:
             progress(f"{run_dir.name} epoch {epoch}")
         op = make_operator(build_run_model(meta, path), bundle, settings)
-        tr = trace(
-            op, method=settings.trace_method, rtol=rtol, max_hvps=settings.trace_max_hvps, seed=settings.seed
-        )
+        method = trace_method_for(settings, op.dim)
+        tr = trace(op, method=method, rtol=rtol, max_hvps=settings.trace_max_hvps, seed=settings.seed)
         top = eigenvalues(op, k=1, tol=eig_tol, seed=settings.seed, max_hvps=settings.eig_max_hvps)
         record = {k: v for k, v in records.get(epoch, {}).items() if k != "epoch"}
         points.append(

@@ -18,11 +18,10 @@ import torch.nn.functional as F
 
 from ..checks import check_choice, check_integer, check_open_unit_interval
 from ..errors import HessianToolsError
-from ..estimators.trace import DEFAULT_METHOD as DEFAULT_TRACE_METHOD
 from ..operators import HessianOperator
 from ..operators.memory import parse_size
 from ..results import Result, _from_jsonable
-from .analyses import DEFAULT_ANALYSES, PARTS, POSTERIORS, certificate, plan
+from .analyses import DEFAULT_ANALYSES, PARTS, POSTERIORS, TRACE_METHODS, certificate, plan
 from .evaluation import cross_entropy, evaluate_batches
 from .zoo.data import DataBundle
 from .zoo.models import load_factory
@@ -78,7 +77,7 @@ class AnalysisSettings:
     params: str | None = None  # regex over parameter names; None = all trainable
     batch_size: int = 512
     seed: int = 0
-    trace_method: str = DEFAULT_TRACE_METHOD
+    trace_method: str = "auto"  # XTrace where its sketch fits the memory budget (analyses.trace_method_for)
     trace_rtol: float | None = 0.02
     trace_max_hvps: int = 600
     eig_k: int = 5
@@ -118,6 +117,7 @@ class AnalysisSettings:
         if self.memory_budget is not None and self.memory_budget != "auto":
             parse_size(self.memory_budget)
         check_choice("posterior", self.posterior, POSTERIORS)
+        check_choice("trace_method", self.trace_method, TRACE_METHODS)
         check_choice("diag_method", self.diag_method, DIAGONAL_METHODS)
         check_open_unit_interval("delta", self.delta)
         check_integer("prior_epochs", self.prior_epochs)
