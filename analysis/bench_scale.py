@@ -345,6 +345,7 @@ def estimator_phases(dim: int, max_hvps: int) -> list[dict]:
     """The estimators of ``analyze --what trace,eigs --max-hvps N`` (the pipeline's calls and
     settings) on a :class:`DiagonalOperator` of dimension ``dim``: seconds, HVPs and the process's
     peak RSS after each (cumulative: VmHWM only grows)."""
+    from hessian_tools.app.analyses import trace_method_for
     from hessian_tools.app.pipeline import AnalysisSettings
     from hessian_tools.estimators import eigenvalues, trace
 
@@ -352,7 +353,7 @@ def estimator_phases(dim: int, max_hvps: int) -> list[dict]:
     op = DiagonalOperator(dim)
     steps = {  # the smallest eigenvalue runs the same Lanczos (same basis size) as the top ones: not repeated
         "trace": lambda: trace(
-            op, method=s.trace_method, rtol=s.trace_rtol, max_hvps=s.trace_max_hvps, seed=s.seed
+            op, method=trace_method_for(s, dim), rtol=s.trace_rtol, max_hvps=s.trace_max_hvps, seed=s.seed
         ),
         "top eigenvalues": lambda: eigenvalues(
             op, k=min(s.eig_k, dim), which="LA", tol=s.eig_tol, seed=s.seed, max_hvps=s.eig_max_hvps
