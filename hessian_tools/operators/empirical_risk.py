@@ -21,7 +21,7 @@ is a tensor are reduced to that tensor before the loss (:func:`model_output`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -76,8 +76,12 @@ def functional_model_call(model: nn.Module, state: Mapping[str, torch.Tensor], i
 
 
 def check_finite(value: torch.Tensor, index: int, what: str) -> None:
-    """One-line :class:`NonFiniteError` naming the batch when ``value`` has a NaN or an infinity."""
-    if not bool(torch.isfinite(value).all()):
+    """One-line :class:`NonFiniteError` naming the batch when ``value`` has a NaN or an infinity.
+
+    The sum of the entries is checked first (one read, no boolean temporary: it is NaN or infinite
+    whenever an entry is), the entries themselves only when it is not finite (it may have overflowed).
+    """
+    if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
         raise NonFiniteError(
             f"non-finite {what} on batch {index}: check the data, the loss and the checkpoint"
         )
@@ -185,15 +189,22 @@ class EmpiricalRisk:
         return value
 
     def weighted_sum(
-        self, per_batch: Callable[[int, Any, torch.Tensor], torch.Tensor], zero: torch.Tensor, what: str
+        self,
+        per_batch: Callable[[int, Any, torch.Tensor], torch.Tensor],
+        zero: torch.Tensor,
+        what: str,
+        batches: Iterable[tuple[int, Any, Any, int]] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """(Σ_b n_b · per_batch(b) in float64, Σ_b n_b) over the data; ``zero`` fixes the shape (and is
-        returned for data without a sample). Every batch value is checked to be finite.
+        returned for data without a sample). Every batch value is checked to be finite. ``batches``:
+        ``(index, inputs, targets, n)`` items to run over instead of the data (e.g. what was computed
+        from it before); each item is released before the next is drawn.
         """
         total = zero.to(device=self.device, dtype=torch.float64).clone()
         count = 0
-        for index, inputs, targets, n in self.batches():
+        for index, inputs, targets, n in self.batches() if batches is None else batches:
             value = per_batch(index, inputs, targets)
+            del inputs, targets
             check_finite(value, index, what)
             total.add_(value.detach().to(torch.float64), alpha=float(n))
             count += n
@@ -205,20 +216,24 @@ class EmpiricalRisk:
         shape: tuple[int, ...],
         what: str,
         reducer=None,
+        batches: Iterable[tuple[int, Any, Any, int]] | None = None,
     ) -> torch.Tensor:
         """(1/N) Σ_b n_b · per_batch(b) over the data, without buffers beyond what the sum needs.
 
         Data that is one batch: its value itself (no copy, no rounding). Several batches: the sum is
         kept in one float64 buffer, updated in place. With a ``reducer`` (data-parallel use) the
         float64 sum and the count are summed over the ranks first (:meth:`weighted_sum`).
+        ``batches``: as for :meth:`weighted_sum`.
         """
         if reducer is not None:
-            total, count = self.weighted_sum(per_batch, torch.zeros(shape, dtype=torch.float64), what)
+            zero = torch.zeros(shape, dtype=torch.float64)
+            total, count = self.weighted_sum(per_batch, zero, what, batches)
             total, count = reducer.sum_block(total, count)
             return total / count
         first, total, count = None, None, 0
-        for index, inputs, targets, n in self.batches():
+        for index, inputs, targets, n in self.batches() if batches is None else batches:
             value = per_batch(index, inputs, targets)
+            del inputs, targets
             check_finite(value, index, what)
             value = value.detach()
             if count == 0:

@@ -37,6 +37,7 @@ from ..checks import check_choice, check_integer
 from ..errors import NondeterminismError, NonFiniteError
 from .base import LinearOperator
 from .empirical_risk import EmpiricalRisk, check_finite
+from .graph_cache import GRAPH_SHARE, BatchGraph, GraphCache, model_state_key
 from .memory import ChunkPlanner, PeakMeter, release_freed_memory, resolve_budget, saved_activation_bytes
 from .params import flatten
 
@@ -79,6 +80,11 @@ class HessianOperator(LinearOperator):
         batches as given). The chosen chunk and micro-batch size are in ``memory_plan``.
     check_determinism: evaluate the first batch twice and refuse the operator if the two losses
         differ (e.g. dropout in train mode): such an "H" is not a fixed matrix.
+    reuse_graphs: keep the gradient graphs of all batches across products of the double-backward
+        path when, together, they take at most half the memory budget (eval mode only; dropped as
+        soon as a parameter or buffer of the model changes): later products then skip the forward
+        and gradient passes (:mod:`hessian_tools.operators.graph_cache`). ``graphs.kept`` says
+        whether they are kept.
     reducer: for data-parallel use only: an object whose ``sum_block(total, count)`` and
         ``sum_count(n)`` sum the local partial sums over all ranks (see
         :mod:`hessian_tools.operators.distributed`); ``data`` is then this rank's shard and may be
@@ -101,6 +107,7 @@ class HessianOperator(LinearOperator):
         reducer=None,
         max_batch_size: int | None = None,
         memory_budget: int | str | None = "auto",
+        reuse_graphs: bool = True,
     ):
         check_choice("backend", backend, BACKENDS)
         self.chunk_size = None if chunk_size is None else check_integer("chunk_size", chunk_size)
@@ -126,6 +133,8 @@ class HessianOperator(LinearOperator):
         self._func_strategy = "forward-over-reverse"
         self._cast_model: nn.Module | None = None
         self._graph_is_faster: bool | None = None
+        self.graphs = GraphCache(enabled=bool(reuse_graphs) and self.risk.mode == "eval")
+        self._cast_key: tuple | None = None
         self.planner = ChunkPlanner(
             resolve_budget(memory_budget, self.device),
             self.risk,
@@ -190,14 +199,18 @@ class HessianOperator(LinearOperator):
         else:
             chunk = self.planner.chunk(path, V.shape[1])
         with self.risk.computation_mode():
-            params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
-            model = self._autograd_model() if path == "autograd" else None
-            product = lambda index, inputs, targets: self._batch_product(
-                path, inputs, targets, index, V, chunk, params=params, fixed=fixed, model=model
-            )
+            if path == "autograd":
+                product, batches = self._graph_products(V, chunk)
+            else:
+                params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
+                product = lambda index, inputs, targets: self._batch_hvp_func(
+                    params, fixed, inputs, targets, V, index, chunk
+                )
+                batches = None
             mean = self.risk.weighted_mean(
-                product, (self.dim, V.shape[1]), "Hessian-vector product", reducer=self.reducer
+                product, (self.dim, V.shape[1]), "Hessian-vector product", self.reducer, batches
             )
+            self.graphs.end()
         if self.device.type == "cpu":
             release_freed_memory()  # the pass's graph and activations: back to the system, not kept resident
         self.passes += 1
@@ -242,7 +255,8 @@ class HessianOperator(LinearOperator):
     ) -> torch.Tensor:
         """H_b·V on one batch by ``path``, ``chunk`` columns at a time (call in computation mode)."""
         if path == "autograd":
-            return self._batch_hvp_autograd(model or self._autograd_model(), inputs, targets, V, index, chunk)
+            graph = self._gradient_graph(model or self._autograd_model(), inputs, targets, index, 0)
+            return self._double_backward(graph, V, chunk)
         if params is None:
             params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
         return self._batch_hvp_func(params, fixed, inputs, targets, V, index, chunk)
@@ -332,30 +346,71 @@ class HessianOperator(LinearOperator):
             del hv
         return out
 
-    def _batch_hvp_autograd(
-        self, model: nn.Module, inputs, targets, V: torch.Tensor, index: int, chunk: int | None
-    ) -> torch.Tensor:
+    def _graph_products(self, V: torch.Tensor, chunk: int | None):
+        """(per-batch product, batches) of the double-backward path: the kept gradient graphs when
+        they are still those of the model's state, else the data, each batch's graph built (and
+        kept, when all of them fit the budget) on the way.
+        """
+        kept = self.graphs.begin(model_state_key(self.model), self._graphs_fit())
+        product = lambda index, graph, _: self._double_backward(graph, V, chunk)  # noqa: E731
+        if kept is not None:
+            return product, [(g.index, g, None, g.n) for g in kept]
+        model = self._autograd_model()
+
+        def built():
+            for index, inputs, targets, n in self.risk.batches():
+                graph = self._gradient_graph(model, inputs, targets, index, n)
+                self.graphs.offer(graph)
+                yield index, graph, None, n
+
+        return product, built()
+
+    def _graphs_fit(self) -> bool:
+        """Whether the gradient graphs of all the data fit :data:`GRAPH_SHARE` of the budget, taking
+        one graph to cost what a one-column product measured on the first batch (n samples) costs,
+        scaled by N/n.
+        """
+        if self.planner.budget is None or self.reducer is not None:
+            return False
+        one = self.planner.measure("autograd", 1, 1)
+        if one.batch == 0:
+            return False
+        return one.bytes * self.risk.num_samples / one.batch <= GRAPH_SHARE * self.planner.budget
+
+    def _gradient_graph(self, model: nn.Module, inputs, targets, index: int, n: int) -> BatchGraph:
+        """g_b = ∇ℓ_b w.r.t. the selected parameters of ``model``, with its graph (create_graph)."""
         selected = set(self.param_names)
-        params = [p for n, p in model.named_parameters() if n in selected]  # model order = flat order
-        out = torch.empty_like(V)
+        params = [p for name, p in model.named_parameters() if name in selected]  # model order = flat order
         with torch.enable_grad():
             loss = self.risk.module_loss(model, inputs, targets)
             check_finite(loss, index, "loss")
-            flat_grad = flatten(torch.autograd.grad(loss, params, create_graph=True))
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+        return BatchGraph(index, n, params, grads)
+
+    def _double_backward(self, graph: BatchGraph, V: torch.Tensor, chunk: int | None) -> torch.Tensor:
+        """H_b·V = ∂(g_bᵀV)/∂θ by backward passes through the gradient graph, ``chunk`` columns per
+        batched pass (one column: a plain backward, no batching machinery).
+        """
+        out = torch.empty_like(V)
+        with torch.enable_grad():
             for start, stop in _chunks(V.shape[1], chunk):
-                block = V[:, start:stop].T.contiguous()  # (k, dim)
-                try:
-                    hv = torch.autograd.grad(
-                        flat_grad, params, grad_outputs=block, retain_graph=True, is_grads_batched=True
-                    )
+                k = stop - start
+                if k > 1:
+                    try:
+                        rows = [V[b.slice, start:stop].T.reshape(k, *b.shape) for b in self.blocks]
+                        hv = torch.autograd.grad(
+                            graph.grads, graph.params, rows, retain_graph=True, is_grads_batched=True
+                        )
+                        for b, h in zip(self.blocks, hv):
+                            out[b.slice, start:stop] = h.detach().reshape(k, -1).T
+                        continue
+                    except RuntimeError:
+                        pass  # some ops have no batching rule: one backward per column
+                for j in range(start, stop):
+                    column = [V[b.slice, j].reshape(b.shape) for b in self.blocks]
+                    hv = torch.autograd.grad(graph.grads, graph.params, column, retain_graph=True)
                     for b, h in zip(self.blocks, hv):
-                        out[b.slice, start:stop] = h.detach().reshape(stop - start, -1).T
-                except RuntimeError:
-                    # Some ops have no batching rule: fall back to one backward per column.
-                    for j, row in enumerate(block):
-                        hv = torch.autograd.grad(flat_grad, params, grad_outputs=row, retain_graph=True)
-                        out[:, start + j] = flatten(hv).detach()
-                del hv, block
+                        out[b.slice, j] = h.detach().reshape(-1)
         return out
 
     def _autograd_model(self) -> nn.Module:
@@ -366,11 +421,16 @@ class HessianOperator(LinearOperator):
             return self.model
         if self._cast_model is None:
             self._cast_model = copy.deepcopy(self.model).to(self.dtype)
-        with torch.no_grad():
-            for mine, theirs in zip(self._cast_model.state_dict().values(), self.model.state_dict().values()):
-                mine.copy_(theirs)
-        for mine, theirs in zip(self._cast_model.modules(), self.model.modules()):
-            mine.training = theirs.training
+        key = model_state_key(self.model)
+        if key != self._cast_key:  # refreshing bumps the copy's versions, which a kept graph checks
+            with torch.no_grad():
+                for mine, theirs in zip(
+                    self._cast_model.state_dict().values(), self.model.state_dict().values()
+                ):
+                    mine.copy_(theirs)
+            for mine, theirs in zip(self._cast_model.modules(), self.model.modules()):
+                mine.training = theirs.training
+            self._cast_key = key
         return self._cast_model
 
     # ------------------------------------------------------------------ construction checks
