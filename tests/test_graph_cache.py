@@ -76,3 +76,14 @@ def test_a_single_column_and_a_batched_block_agree():
     V = torch.randn(op.dim, 6, dtype=torch.float64)  # chunks of 4 (batched) and 2 (batched)
     cols = torch.cat([op.matmat(V[:, j : j + 1]) for j in range(6)], dim=1)  # one plain backward each
     torch.testing.assert_close(op.matmat(V), cols, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_backend_runs_blocks_on_the_kept_graphs():
+    model, loss_fn, X, y = PROBLEMS["mlp"]()
+    op = ht.HessianOperator(model, loss_fn, batches(X, y, 32), dtype=torch.float64)  # backend auto
+    V = torch.randn(op.dim, 5, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), exact_hessian(model, loss_fn, X, y) @ V, rtol=1e-9, atol=1e-11)
+    assert op.graphs.kept
+    rebuilt = ht.HessianOperator(model, loss_fn, batches(X, y, 32), dtype=torch.float64, reuse_graphs=False)
+    torch.testing.assert_close(rebuilt.matmat(V), op.matmat(V), rtol=1e-10, atol=1e-12)
+    assert not rebuilt.graphs.kept

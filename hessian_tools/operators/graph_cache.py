@@ -85,5 +85,9 @@ class GraphCache:
         self.key, self.graphs, self._collecting = None, None, None
 
     @property
+    def collecting(self) -> bool:
+        return self._collecting is not None
+
+    @property
     def kept(self) -> bool:
         return self.graphs is not None
