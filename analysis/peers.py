@@ -135,16 +135,34 @@ class Tool:
 
 
 # ----------------------------------------------------------------------------------------- ours
+def ours_name(backend: str = "auto", reuse_graphs: bool = True) -> str:
+    """ "ours" for the defaults (backend auto, gradient graphs kept when they fit the budget), else the
+    backend and/or "streaming" (graphs rebuilt every product: memory flat in the number of samples)."""
+    parts = ([] if backend == "auto" else [backend]) + ([] if reuse_graphs else ["streaming"])
+    return f"ours ({', '.join(parts)})" if parts else "ours"
+
+
 class Ours(Tool):
     """hessian_tools.HessianOperator (torch.func or autograd backend) and its estimators."""
 
     module = "hessian_tools"
 
-    def __init__(self, problem: Problem, backend: str = "func", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        problem: Problem,
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+        reuse_graphs: bool = True,
+    ):
         super().__init__(problem)
-        self.name = f"ours ({backend})" if backend != "func" else "ours"
+        self.name = ours_name(backend, reuse_graphs)
         self.op = ht.HessianOperator(
-            problem.model, problem.criterion, problem.batches, backend=backend, dtype=dtype
+            problem.model,
+            problem.criterion,
+            problem.batches,
+            backend=backend,
+            dtype=dtype,
+            reuse_graphs=reuse_graphs,
         )
 
     @property
@@ -396,7 +414,7 @@ PEERS = (PyHessian, Curvlinops, Eigenthings)
 def make_tools(
     problem: Problem,
     peers: bool = True,
-    backends: Sequence[str] = ("func",),
+    backends: Sequence[str] = ("auto",),
     log: Callable[[str], None] = print,
 ) -> list[Tool]:
     """Ours (one tool per backend) and every installed peer, each built on ``problem``."""
