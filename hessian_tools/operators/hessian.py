@@ -11,7 +11,9 @@ operator represents
 forward pass and the gradient graph are shared by all K columns, either by torch.func
 forward-over-reverse (``vmap`` over ``jvp(grad(ℓ_b))``) or by a batched double backward through
 autograd (``autograd.grad(∇ℓ_b, θ, V, is_grads_batched=True)``). Data is streamed: memory does
-not grow with N.
+not grow with N, except that the gradient graphs of all batches are kept across products when
+together they fit half the memory budget (``reuse_graphs``; :mod:`.graph_cache`), so that later
+products of the double-backward path skip the forward and gradient passes.
 
 Memory. The columns go through the model in chunks, and the chunk comes from a memory budget
 (``memory_budget``, by default a quarter of the available memory): on its first product the
