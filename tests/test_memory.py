@@ -204,6 +204,19 @@ def test_probe_blocks_are_the_probes_of_one_draw():
     assert torch.equal(torch.rand(3, generator=split), after)
 
 
+@pytest.mark.parametrize("dim", [1003, 9])
+def test_probe_blocks_drawn_in_many_packed_row_chunks_are_the_same_probes(monkeypatch, dim):
+    import hessian_tools.estimators.probes as probes
+
+    monkeypatch.setattr(probes, "_PACK_CHUNK_ENTRIES", 100)  # chunks of 8 rows, a remainder of 3 or 1
+    one = torch.Generator().manual_seed(7)
+    whole, after = rademacher(dim, 13, one), torch.rand(3, generator=one)
+    split = torch.Generator().manual_seed(7)
+    pieces = list(rademacher_blocks(dim, 13, split, 4, dtype=torch.float32))
+    assert torch.equal(torch.cat([p for *_, p in pieces], dim=1), whole.float())
+    assert torch.equal(torch.rand(3, generator=split), after)
+
+
 class _Widths(ht.LinearOperator):
     def __init__(self, matrix):
         self.matrix, self.dim, self.dtype, self.widths = matrix, matrix.shape[0], matrix.dtype, []

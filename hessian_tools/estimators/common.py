@@ -57,6 +57,7 @@ def columns_per_pass(H, most: int) -> int:
 
 
 #: rows per chunk of :func:`inner`: float64 chunks of a tall matrix, float32 partial sums of a row buffer
+#: (twice as many for a single column)
 _INNER_ROWS = 1 << 16
 _PARTIAL_ROWS = 1 << 12
 
@@ -65,17 +66,23 @@ def inner(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Aᵀ B (float64) for tall A (dim × j) and B (dim × b), accurate at any dim: a float32 BLAS
     product sums its dim terms in float32, which at dim ≈ 10⁷ is off by up to a few percent (measured
     1.5% for the squared norm of a unit vector). Tall A: chunks of rows cast to float64. A that is the
-    transpose of a row-major buffer (a basis stored by rows): float32 products of 4096 rows, their
-    partial sums added in float64 (2e-8 relative, at the speed of one float32 product).
+    transpose of a row-major buffer (a basis stored by rows): float32 products of 4096 rows (8192 for
+    a single column B), their partial sums added in float64: relative to ‖a‖‖b‖, 1e-8 to 8e-8 in the
+    worst case of all-positive terms and ~1e-9 for random signs (measured at dim 1e6 and 1.1e7), at
+    about the speed of one float32 product.
     """
     out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
     if A.dtype == torch.float64 or A.shape[0] <= _PARTIAL_ROWS:
         return out.add_(A.T.double() @ B.double())
     if A.stride(0) == 1 and A.shape[1] > 1:  # rows of a buffer: fast float32 partial sums
-        for start in range(0, A.shape[0], _PARTIAL_ROWS):
-            rows = slice(start, start + _PARTIAL_ROWS)
-            out += (A.T[:, rows] @ B[rows]).double()
-        return out
+        # one float32 product per chunk of rows, written into a small buffer of partial sums, which
+        # are added in float64 at the end (torch.bmm over the chunks measured 3-4x slower than this)
+        step = _PARTIAL_ROWS if B.shape[1] > 1 else 2 * _PARTIAL_ROWS  # a matrix-vector product: 8192 rows
+        chunks = zip(A.T.split(step, dim=1), B.split(step, dim=0))
+        partial = torch.empty(-(-A.shape[0] // step), A.shape[1], B.shape[1], dtype=A.dtype, device=A.device)
+        for p, (a, b) in zip(partial, chunks):
+            torch.mm(a, b, out=p)
+        return out.add_(partial.sum(0, dtype=torch.float64))
     for start in range(0, A.shape[0], _INNER_ROWS):
         rows = slice(start, start + _INNER_ROWS)
         a = A[rows].double()

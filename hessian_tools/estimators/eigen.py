@@ -112,9 +112,11 @@ def _orthonormalize(X: torch.Tensor, Q: torch.Tensor, scale: float, passes: int 
         for y in keep:
             x = x - y * float(inner(y, x))
             x = x - y * float(inner(y, x))
-        norm = _norm(x)
+        norm = _norm(x) if keep else norm0  # the first column is not projected: its norm is norm0
         if norm > 1e-10 * max(norm0, scale):
             keep.append(x / norm)
+    if len(keep) == 1:
+        return keep[0]  # a block of one: no copy
     return torch.cat(keep, dim=1) if keep else X[:, :0]
 
 
@@ -125,18 +127,22 @@ def _thin_qr(columns: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """
     m = len(columns)
     R = torch.zeros(m, m, dtype=torch.float64)
-    done: list[torch.Tensor] = []
+    # U is built in place as the rows of a buffer (U = its transpose: contiguous columns, no final copy)
+    rows = torch.empty(m, columns[0].shape[0], dtype=columns[0].dtype, device=columns[0].device)
+    scaled = torch.empty_like(rows[0, :, None]) if m > 1 else None  # c·u, without a new tensor each time
     for i, column in enumerate(columns):
-        x = column[:, None]  # overwritten: the columns are the caller's temporaries
+        x = rows[i, :, None]
+        x.copy_(column[:, None])
         for _ in range(2):
-            for row, u in enumerate(done):
+            for row in range(i):
+                u = rows[row, :, None]
                 c = float(inner(u, x))
-                x -= c * u
+                x -= torch.mul(u, c, out=scaled)
                 R[row, i] += c
         norm = _norm(x)
         R[i, i] = norm
-        done.append(x.div_(norm) if norm > 0 else x.zero_())
-    return torch.cat(done, dim=1), R
+        x.div_(norm) if norm > 0 else x.zero_()
+    return rows.T, R
 
 
 class _KrylovBasis:
@@ -198,8 +204,7 @@ class _KrylovBasis:
         Q = self.Q
         # New columns: HX = Q t + f with f ⟂ Q (two passes of classical Gram–Schmidt).
         t = inner(Q, HX)
-        f = HX.clone()  # a user's operator may hand back a buffer it keeps
-        f.addmm_(Q, t.to(wd), alpha=-1)
+        f = torch.addmm(HX, Q, t.to(wd), alpha=-1)  # a new tensor: a user's operator may keep HX
         c = inner(Q, f)
         f.addmm_(Q, c.to(wd), alpha=-1)
         t += c  # (j + b) × b

@@ -135,7 +135,7 @@ def xtrace(
     if rtol is None and s >= H.dim:  # exact: the budget covers the whole space
         return _exact_trace(H, seed)
     generator, seed = seeded_generator(seed)
-    sketch = XTraceSketch(H, generator)
+    sketch = XTraceSketch(H, generator, capacity=min(s, H.dim))  # rows never reached are never touched
     if rtol is None:
         sketch.grow(s)
         return sketch.result(seed, error_bar=error_bar, keep_samples=keep_samples)
@@ -175,48 +175,120 @@ class XTraceSketch:
     """The XTrace state — probes Ω, Y = HΩ = QR and Z = HQ — grown in stages without wasting an HVP.
 
     Adding k probes Ω′ costs 2k HVPs: Y′ = HΩ′, then the QR of [Y, Y′] and Z′ = HQ′ for its k new
-    columns Q′. The old columns of Q — hence Z = HQ — are unchanged, because the first j columns of a
-    Householder QR depend only on the first j columns of the matrix. After any stage the estimate is
-    exactly that of a fixed-budget XTrace with the same probes (:meth:`samples`, :meth:`parts`).
+    columns Q′. The old columns of Q — hence Z = HQ — are unchanged (up to rounding: Q is the latest
+    QR's), because the first j columns of a Householder QR depend only on the first j columns of the
+    matrix. After any stage the estimate is exactly that of a fixed-budget XTrace with the same probes
+    (:meth:`samples`, :meth:`parts`).
+
+    Ω, Y and Z are stored as the rows of buffers of ``capacity`` rows (grown when a stage needs more),
+    so a stage writes only its new columns: no copy of the old ones, and the pages of rows never
+    written are never touched. The s × s projections every estimate needs (QᵀΩ, QᵀY, QᵀZ, ΩᵀZ and the
+    probes' ωᵢᵀyᵢ, ‖ωᵢ‖²) are computed once per stage; from them the estimates and the jackknife
+    take s-dimensional arithmetic only, and the dim-sized per-coordinate parts are formed (in chunks of
+    rows) only for per-block traces.
     """
 
-    def __init__(self, H: CountingOperator, generator: torch.Generator):
+    def __init__(self, H: CountingOperator, generator: torch.Generator, capacity: int = 0):
         self.H, self.generator = H, generator
-        empty = torch.zeros(H.dim, 0, dtype=torch.float64, device=H.device)
-        self.Omega, self.Y, self.Q, self.Z = empty, empty, empty, empty
+        self._rows = torch.empty(3, max(int(capacity), 0), H.dim, dtype=torch.float64, device=H.device)
+        self._s = 0
+        self.Q = torch.zeros(H.dim, 0, dtype=torch.float64, device=H.device)
         self.R = torch.zeros(0, 0, dtype=torch.float64, device=H.device)
+        self.omega_y = torch.zeros(0, dtype=torch.float64, device=H.device)  # ω_iᵀy_i
+        self.omega_omega = torch.zeros(0, dtype=torch.float64, device=H.device)  # ‖ω_i‖²
+        self._project()
 
     @property
     def probes(self) -> int:
-        return self.Omega.shape[1]
+        return self._s
+
+    @property
+    def Omega(self) -> torch.Tensor:
+        return self._rows[0, : self._s].T
+
+    @property
+    def Y(self) -> torch.Tensor:
+        return self._rows[1, : self._s].T
+
+    @property
+    def Z(self) -> torch.Tensor:
+        return self._rows[2, : self._s].T
 
     def grow(self, k: int) -> None:
         """Add k spherical probes (columns of norm √dim): two data passes, 2k HVPs."""
         n, old = self.H.dim, self.probes
         new = gaussian(n, k, self.generator)
-        new = (new * (math.sqrt(n) / new.norm(dim=0))).to(self.H.device)
-        self.Omega = torch.cat([self.Omega, new], dim=1)
-        self.Y = torch.cat([self.Y, self.H.matmat(new)], dim=1)
-        Q, self.R = torch.linalg.qr(self.Y)
-        self.Q = torch.cat([self.Q, Q[:, old:]], dim=1)
-        self.Z = torch.cat([self.Z, self.H.matmat(self.Q[:, old:])], dim=1)
+        factor = math.sqrt(n) / new.norm(dim=0)
+        if old + k > self._rows.shape[1]:  # a larger buffer (only when the capacity was too small)
+            rows = torch.empty(
+                3, max(old + k, 2 * self._rows.shape[1]), n, dtype=torch.float64, device=self.H.device
+            )
+            rows[:, :old] = self._rows[:, :old]
+            self._rows = rows
+        omega, y = self._rows[0, old : old + k], self._rows[1, old : old + k]
+        omega.copy_(new.T).mul_(factor[:, None].to(omega.device))  # the probes, scaled to norm √dim
+        del new
+        y.copy_(self.H.matmat(omega.T).T)
+        self._s = old + k
+        dots = [torch.dot(a, b) for a, b in zip(omega, y)] + [torch.dot(a, a) for a in omega]
+        dots = torch.stack(dots).to(torch.float64)
+        self.omega_y = torch.cat([self.omega_y, dots[:k]])
+        self.omega_omega = torch.cat([self.omega_omega, dots[k:]])
+        self.Q = None  # the old Q is not needed by the QR: free it first
+        self.Q, self.R = torch.linalg.qr(self.Y)
+        self._rows[2, old : self._s] = self.H.matmat(self.Q[:, old:]).T
+        self._project()
 
-    def parts(self) -> torch.Tensor:
-        """(dim, s): column i holds the per-coordinate parts of estimate_i (they sum to it):
-        diag(Q_(i)Q_(i)ᵀH) + (dim − s + 1)·u_i ⊙ Hu_i / ‖u_i‖² (module docstring).
+    def _project(self) -> None:
+        """The s × s projections of one stage (see the class docstring)."""
+        Q, Omega, Y, Z = self.Q, self.Omega, self.Y, self.Z
+        self.W, self.Rm, self.M, self.P = Q.T @ Omega, Q.T @ Y, Q.T @ Z, Omega.T @ Z
+
+    def _downdated(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """S (column i: s_i), C (column i: c_i = (I − s_i s_iᵀ) w_i) and the residual scales
+        (dim − s + 1)/‖u_i‖², ‖u_i‖² = ‖ω_i‖² − 2 w_iᵀc_i + ‖c_i‖² (QᵀQ = I).
         """
-        n, s, Q, Z = self.H.dim, self.probes, self.Q, self.Z
+        n, s = self.H.dim, self.probes
         S = _leave_one_out_directions(self.R)  # column i: unit s_i ⟂ r_j (j ≠ i)
-        W = Q.T @ self.Omega
-        C = W - S * (S * W).sum(0)  # c_i = (I − s_i s_iᵀ) w_i
-        U = self.Omega - Q @ C  # u_i = (I − Q_(i)Q_(i)ᵀ) ω_i
-        HU = self.Y - Z @ C  # H u_i
-        scale = (n - s + 1) / (U * U).sum(0).clamp_min(torch.finfo(torch.float64).tiny)
-        return (Q * Z).sum(1, keepdim=True) - (Q @ S) * (Z @ S) + U * HU * scale
+        C = self.W - S * (S * self.W).sum(0)
+        uu = self.omega_omega - 2 * (self.W * C).sum(0) + (C * C).sum(0)
+        return S, C, (n - s + 1) / uu.clamp_min(torch.finfo(torch.float64).tiny)
+
+    def parts(self, index: torch.Tensor | None = None, n_blocks: int = 0) -> torch.Tensor:
+        """(dim, s): column i holds the per-coordinate parts of estimate_i (they sum to it):
+        diag(Q_(i)Q_(i)ᵀH) + (dim − s + 1)·u_i ⊙ Hu_i / ‖u_i‖² (module docstring). With a block
+        ``index`` (dim,) of ``n_blocks`` blocks: their sums over each block's coordinates, (n_blocks, s),
+        without forming the dim × s parts (they are computed in chunks of rows).
+        """
+        S, C, scale = self._downdated()
+        Q, Z, Omega, Y = self.Q, self.Z, self.Omega, self.Y
+        out = (
+            torch.empty(self.H.dim, self.probes, dtype=torch.float64, device=Q.device)
+            if index is None
+            else torch.zeros(n_blocks, self.probes, dtype=torch.float64, device=Q.device)
+        )
+        for start in range(0, self.H.dim, _PART_ROWS):
+            rows = slice(start, start + _PART_ROWS)
+            q, z = Q[rows], Z[rows]
+            part = (q @ S).mul_(z @ S).neg_().add_((q * z).sum(1, keepdim=True))
+            u = torch.addmm(Omega[rows], q, C, alpha=-1)  # u_i = (I − Q_(i)Q_(i)ᵀ) ω_i
+            hu = torch.addmm(Y[rows], z, C, alpha=-1)  # H u_i
+            part.add_(u.mul_(hu).mul_(scale))
+            if index is None:
+                out[rows] = part
+            else:
+                out.index_add_(0, index[rows], part)
+        return out
 
     def samples(self) -> torch.Tensor:
-        """The s leave-one-out estimates estimate_1..s (their mean is the XTrace estimate)."""
-        return self.parts().sum(0)
+        """The s leave-one-out estimates estimate_1..s (their mean is the XTrace estimate): the sums of
+        :meth:`parts` over the coordinates, tr(M) − s_iᵀMs_i + (dim − s + 1)·u_iᵀHu_i/‖u_i‖² with
+        M = QᵀZ and u_iᵀHu_i = ω_iᵀy_i − ω_iᵀZc_i − c_iᵀQᵀy_i + c_iᵀMc_i, from the s × s projections.
+        """
+        S, C, scale = self._downdated()
+        M = self.M
+        uHu = self.omega_y - (self.P.T * C).sum(0) - (C * self.Rm).sum(0) + (C * (M @ C)).sum(0)
+        return torch.trace(M) - (S * (M @ S)).sum(0) + uHu * scale
 
     def leave_one_probe_out(self) -> torch.Tensor:
         """(s,): entry j is the XTrace estimate from the s − 1 probes other than ω_j (same sketch data).
@@ -226,13 +298,12 @@ class XTraceSketch:
         c = (I − P_ij)w_i, u = ω_i − Qc, Hu = y_i − Zc and M = QᵀZ = QᵀHQ,
             t_ij = tr(M) − tr(P_ij M) + (dim − s + 2)·uᵀHu/‖u‖²,
             uᵀHu = ω_iᵀy_i − 2 r_iᵀc + cᵀMc   (ZᵀΩ = QᵀY = R for symmetric H),   ‖u‖² = ‖ω_i‖² − ‖c‖²,
-        all in s-dimensional arithmetic: O(dim·s² + s³) work, no HVP. Entry j is mean_{i≠j} t_ij.
+        all in s-dimensional arithmetic from the stage's projections: O(s³) work, no HVP. Entry j is
+        mean_{i≠j} t_ij.
         """
         n, s = self.H.dim, self.probes
         S = _leave_one_out_directions(self.R)
-        W, M = self.Q.T @ self.Omega, self.Q.T @ self.Z
-        M = (M + M.T) / 2
-        Rm = self.Q.T @ self.Y  # = R up to rounding
+        W, M, Rm = self.W, (self.M + self.M.T) / 2, self.Rm  # Rm = QᵀY = R up to rounding
         gamma = (S.T @ S).clamp(-1.0, 1.0)  # [j, i] = s_jᵀ s_i
         rho = (1 - gamma**2).clamp_min(1e-24).sqrt()
         alpha = S.T @ W  # [j, i] = s_jᵀ w_i
@@ -251,8 +322,8 @@ class XTraceSketch:
             + 2 * p * q * SMS.T
             + q**2 * d(SMS)[None, :]
         )
-        uHu = (self.Omega * self.Y).sum(0)[None, :] - 2 * rc + cMc
-        uu = ((self.Omega * self.Omega).sum(0)[None, :] - cc).clamp_min(torch.finfo(torch.float64).tiny)
+        uHu = self.omega_y[None, :] - 2 * rc + cMc
+        uu = (self.omega_omega[None, :] - cc).clamp_min(torch.finfo(torch.float64).tiny)
         trPM = d(SMS)[:, None] + (d(SMS)[None, :] - 2 * gamma * SMS + gamma**2 * d(SMS)[:, None]) / rho**2
         terms = torch.trace(M) - trPM + (n - s + 2) * uHu / uu  # [j, i]
         terms.fill_diagonal_(0.0)
@@ -281,15 +352,12 @@ class XTraceSketch:
         converged: bool = True,
     ) -> TraceResult:
         """The TraceResult of the current sketch (blocks from the per-coordinate parts)."""
-        parts = self.parts()
-        samples = parts.sum(0)
+        samples = self.samples()
         estimate, raw = mean_and_stderr(samples)
         _, stderr = self.estimate_and_stderr(error_bar)
         inflation = stderr / raw if raw > 0 else 1.0
         names, index = block_index(self.H.blocks, self.H.dim, device=self.H.device)
-        blocks = (
-            block_results(self.H.blocks, block_sums(parts, index, len(names))) if names is not None else ()
-        )
+        blocks = block_results(self.H.blocks, self.parts(index, len(names))) if names is not None else ()
         blocks = tuple(dataclasses.replace(b, stderr=inflation * b.stderr) for b in blocks)
         return TraceResult(
             estimate=estimate,
@@ -303,6 +371,10 @@ class XTraceSketch:
             blocks=blocks,
             samples=tuple(samples.tolist()) if keep_samples else (),
         )
+
+
+#: rows of the dim × s matrices per chunk of :meth:`XTraceSketch.parts` (a few MB of temporaries at s ≈ 25)
+_PART_ROWS = 1 << 14
 
 
 def _exact_trace(H: CountingOperator, seed, method: str = "xtrace", rtol=None) -> TraceResult:

@@ -23,6 +23,7 @@ from ..checks import check_integer
 from ..results import TraceResult
 from ..seeding import seeded_generator
 from .common import (
+    _INNER_ROWS,
     CountingOperator,
     block_index,
     block_sums,
@@ -77,8 +78,11 @@ def hutchpp(
     exact_diag = torch.zeros(H.dim, 1, dtype=torch.float64, device=H.device)  # diag(QQᵀH): sums to tr(QᵀHQ)
     for start in range(0, sketch, width):
         HQ = H.matmat(Q[:, start : start + width])
-        for i in range(HQ.shape[1]):
-            exact_diag[:, 0].addcmul_(Q[:, start + i], HQ[:, i])
+        # by rows: a column of Q is strided, and the rows' cache lines are shared by its columns
+        for first in range(0, H.dim, _INNER_ROWS):
+            rows = slice(first, first + _INNER_ROWS)
+            for i in range(HQ.shape[1]):
+                exact_diag[rows, 0].addcmul_(Q[rows, start + i], HQ[rows, i])
         del HQ
     exact = float(exact_diag.sum())
     names, index = block_index(H.blocks, H.dim, device=H.device)

@@ -13,8 +13,9 @@ def rademacher(
     return (signs.to(dtype) * 2 - 1).to(device)
 
 
-#: entries per row chunk when a block of signs is drawn in pieces (:func:`rademacher_blocks`)
-_ROW_CHUNK_ENTRIES = 1 << 24
+#: entries per row chunk of signs drawn and packed by :func:`rademacher_blocks` (small: its temporaries add
+#: to the peak)
+_PACK_CHUNK_ENTRIES = 1 << 20
 
 
 def rademacher_blocks(
@@ -22,22 +23,31 @@ def rademacher_blocks(
 ):
     """The (dim, k) matrix :func:`rademacher` would draw, as consecutive column blocks of at most
     ``step`` columns: yields ``(start, stop, Z[:, start:stop])``, and leaves ``generator`` where one
-    draw of the whole matrix leaves it. Only one block is held at a time: its signs are drawn again
-    for each block from the saved generator state, in row chunks (the stream is the same however
-    the rows are chunked), keeping the block's columns.
+    draw of the whole matrix leaves it. Only one block is held at a time: the signs are drawn once,
+    in row chunks (the stream is the same however the rows are chunked), and kept packed eight rows
+    to a byte (dim·k/8 bytes); each block unpacks its columns.
     """
     if k <= step:
         yield 0, k, rademacher(dim, k, generator, dtype, device)
         return
-    state = generator.get_state()
-    rows = max(1, _ROW_CHUNK_ENTRIES // k)
+    rows = max(8, _PACK_CHUNK_ENTRIES // k // 8 * 8)  # a multiple of 8: chunks pack into whole bytes
+    shifts = torch.arange(8, dtype=torch.uint8)[:, None]
+    packed = torch.zeros(-(-dim // 8), k, dtype=torch.uint8)  # bit b of byte i: the sign of row 8i + b
+    for first in range(0, dim, rows):
+        signs = torch.randint(0, 2, (min(rows, dim - first), k), generator=generator, dtype=torch.int8)
+        count = signs.shape[0] // 8
+        bits = signs[: 8 * count].view(count, 8, k).to(torch.uint8) << shifts
+        packed[first // 8 : first // 8 + count] = bits.sum(1, dtype=torch.uint8)  # distinct bits: an OR
+        for b, row in enumerate(signs[8 * count :]):  # the last few rows of the matrix
+            packed[first // 8 + count] |= row.to(torch.uint8) << b
     for start in range(0, k, step):
         stop = min(start + step, k)
-        generator.set_state(state)
         block = torch.empty(dim, stop - start, dtype=dtype)
         for first in range(0, dim, rows):
-            signs = torch.randint(0, 2, (min(rows, dim - first), k), generator=generator, dtype=torch.int8)
-            block[first : first + signs.shape[0]] = signs[:, start:stop].to(dtype) * 2 - 1
+            n = min(rows, dim - first)
+            part = packed[first // 8 : (first + n + 7) // 8, start:stop]
+            bits = (part[:, None, :] >> shifts) & 1  # (bytes, 8, columns)
+            block[first : first + n] = bits.reshape(-1, stop - start)[:n].to(dtype) * 2 - 1
         yield start, stop, block.to(device)
 
 
