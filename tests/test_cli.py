@@ -87,6 +87,12 @@ def test_analyze_run_folder_prints_table_and_json(run_dir, tmp_path):
     assert result["trace"]["hvps"] > 0 and result["trace"]["seed"] == 0
     assert len(result["top"]["values"]) == 5 and result["top"]["values"][0] >= result["top"]["values"][1]
     assert result["density"]["n_probes"] > 0
+    # the top and the smallest eigenvalues come from one Lanczos run, whose HVPs are counted once
+    assert result["bottom"]["method"] == "lanczos (both ends)" and result["bottom"]["values"][0] < 0
+    assert result["bottom"]["hvps"] == result["top"]["hvps"]
+    spent = result["trace"]["hvps"] + result["top"]["hvps"] + result["density"]["hvps"]
+    assert result["hvps"] == spent
+    assert "(same run)" in next(line for line in proc.stdout.splitlines() if "smallest eigenvalue" in line)
 
 
 def test_analyze_checkpoint_file_with_model_and_data(run_dir):

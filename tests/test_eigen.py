@@ -86,3 +86,39 @@ def test_bad_arguments():
         ht.eigenvalues(H, method="power", which="SA")
     with pytest.raises(ValueError, match="tol"):
         ht.eigenvalues(H, tol=-1)
+
+
+def test_both_ends_from_one_basis_match_the_exact_spectrum_for_fewer_hvps(problem):
+    name, model, loss_fn, X, y, H = problem
+    op = ht.HessianOperator(model, loss_fn, (X, y), dtype=torch.float64)
+    exact = torch.linalg.eigvalsh(H).numpy()
+    top, bottom = ht.extreme_eigenvalues(op, 3, 1, tol=1e-8)
+    assert top.converged and bottom.converged and top.hvps == bottom.hvps
+    assert (top.which, bottom.which, top.method) == ("LA", "SA", "lanczos (both ends)")
+    np.testing.assert_allclose(top.values, exact[::-1][:3], rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(bottom.values, exact[:1], rtol=1e-6, atol=1e-10)
+    _check_pairs(top, H)
+    _check_pairs(bottom, H)
+
+
+@pytest.mark.parametrize("max_basis", [None, 12])  # 12: thick restarts keep Ritz vectors of both ends
+def test_both_ends_cost_less_than_two_runs_on_a_large_known_spectrum(max_basis):
+    H, lam = known_spectrum(dim=300)
+    exact = np.sort(lam.numpy())
+    top, bottom = ht.extreme_eigenvalues(H, 5, 1, tol=1e-6, max_basis=max_basis)
+    separate = [
+        ht.eigenvalues(H, 5, "LA", tol=1e-6, max_basis=max_basis),
+        ht.eigenvalues(H, 1, "SA", tol=1e-6, max_basis=max_basis),
+    ]
+    assert top.converged and bottom.converged
+    np.testing.assert_allclose(top.values, exact[::-1][:5], rtol=1e-7)
+    assert abs(bottom.values[0] - exact[0]) <= bottom.residuals[0] + 1e-12
+    _check_pairs(top, H)
+    _check_pairs(bottom, H)
+    assert top.hvps < sum(r.hvps for r in separate)
+
+
+def test_both_ends_report_an_exhausted_budget():
+    H, _ = known_spectrum(dim=300)
+    top, bottom = ht.extreme_eigenvalues(H, 5, 1, tol=1e-12, max_hvps=8)
+    assert top.hvps == 8 and not bottom.converged

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..estimators.eigen import BOTH_ENDS
 from ..estimators.trace import METHODS as LIBRARY_TRACE_METHODS
 from ..results import Result
 from ..stats import Z95
@@ -73,15 +74,23 @@ def _trace(ctx) -> dict:
 
 
 def _eigs(ctx) -> dict:
-    from ..estimators import eigenvalues
+    """The top ``eig_k`` and the smallest eigenvalue from one Lanczos run over both ends of the
+    spectrum (budget: ``eig_max_hvps`` for each end, 2 × in all); for a model too small for that, two
+    runs. The eigenvectors (k × the model's size) are dropped: the reports use values and residuals.
+    """
+    from ..estimators import eigenvalues, extreme_eigenvalues
 
     s, op = ctx.settings, ctx.operator
-    common = {"tol": s.eig_tol, "seed": s.seed, "max_hvps": s.eig_max_hvps}
-    # the reports use the values and residuals; the eigenvectors (k × the model's size) are dropped
-    # at once, so the smallest eigenvalue's basis does not sit next to the top eigenvectors
-    top = dataclasses.replace(eigenvalues(op, k=min(s.eig_k, op.dim), which="LA", **common), vectors=None)
-    bottom = dataclasses.replace(eigenvalues(op, k=1, which="SA", **common), vectors=None)
-    return {"top": top, "bottom": bottom}
+    common = {"tol": s.eig_tol, "seed": s.seed}
+    if s.eig_k + 1 <= op.dim:
+        top, bottom = extreme_eigenvalues(op, s.eig_k, 1, max_hvps=2 * s.eig_max_hvps, **common)
+    else:
+        top = eigenvalues(op, k=op.dim, which="LA", max_hvps=s.eig_max_hvps, **common)
+        bottom = eigenvalues(op, k=1, which="SA", max_hvps=s.eig_max_hvps, **common)
+    return {
+        "top": dataclasses.replace(top, vectors=None),
+        "bottom": dataclasses.replace(bottom, vectors=None),
+    }
 
 
 def _density(ctx) -> dict:
@@ -256,7 +265,8 @@ def eig_rows(parts: Mapping) -> list[Row]:
             note = f"|error| ≤ residual ≤ {fmt(max(e['residuals']), 2)}" + (
                 "" if e["converged"] else " (NOT converged)"
             )
-            rows.append([label, values, note, str(e["hvps"]), str(e["seed"])])
+            shared = key == "bottom" and e.get("method") == BOTH_ENDS  # its HVPs are the top row's
+            rows.append([label, values, note, "(same run)" if shared else str(e["hvps"]), str(e["seed"])])
     return rows
 
 

@@ -4,7 +4,7 @@ from .baston2022diagpp import diagpp
 from .control_variate import control_variate_trace, ggn_trace
 from .density import density
 from .diagonal import diagonal, hutchinson_diagonal
-from .eigen import eigenvalues
+from .eigen import eigenvalues, extreme_eigenvalues
 from .epperly2024xtrace import xdiag, xtrace
 from .hutchinson import hutchinson
 from .meyer2021hutchpp import hutchpp
@@ -17,6 +17,7 @@ __all__ = [
     "diagonal",
     "diagpp",
     "eigenvalues",
+    "extreme_eigenvalues",
     "ggn_trace",
     "hutchinson",
     "hutchinson_diagonal",

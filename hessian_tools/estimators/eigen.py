@@ -33,6 +33,8 @@ from .common import CountingOperator, inner
 from .probes import gaussian
 
 WHICH = ("LA", "SA", "LM")
+#: the ``method`` of the results of :func:`extreme_eigenvalues` (one run for both ends)
+BOTH_ENDS = "lanczos (both ends)"
 
 
 def eigenvalues(
@@ -61,8 +63,8 @@ def eigenvalues(
     if k > H.dim:
         raise ValueError(f"k={k} exceeds the operator dimension {H.dim}")
     if method == "lanczos":
-        values, vectors, residuals, converged = _lanczos(
-            H, k, which, tol, atol, generator, max_hvps, block_size, max_basis
+        ((values, vectors, residuals, converged),) = _lanczos(
+            H, ((which, k),), tol, atol, generator, max_hvps, block_size, max_basis
         )
     elif method == "power":
         if which != "LM":
@@ -80,6 +82,54 @@ def eigenvalues(
         tol=float(tol),
         seed=seed,
         vectors=vectors,
+    )
+
+
+def extreme_eigenvalues(
+    op,
+    k_top: int = 1,
+    k_bottom: int = 1,
+    tol: float = 1e-6,
+    seed: int | None = 0,
+    *,
+    max_hvps: int = 2000,
+    block_size: int = 1,
+    max_basis: int | None = None,
+    atol: float = 0.0,
+) -> tuple[EigenResult, EigenResult]:
+    """The ``k_top`` largest and the ``k_bottom`` smallest eigenvalues of H from ONE Krylov basis:
+    (top ``"LA"`` result, bottom ``"SA"`` result), with the residual bounds of :func:`eigenvalues`.
+
+    A Krylov space built from one start vector approximates both ends of the spectrum at once, so one
+    run stops when both groups meet ``tol`` (thick restarts keep the best Ritz vectors of both ends in
+    turn) instead of two runs each building its own basis. The HVPs are spent once, for both results:
+    each carries the run's total ``hvps`` and ``method="lanczos (both ends)"``; ``max_hvps`` bounds the
+    run.
+    """
+    check_integer("k_top", k_top)
+    check_integer("k_bottom", k_bottom)
+    check_integer("max_hvps", max_hvps)
+    check_integer("block_size", block_size)
+    tol = check_positive("tol", tol)
+    generator, seed = seeded_generator(seed)
+    H = CountingOperator(op, native=True)
+    if k_top + k_bottom > H.dim:
+        raise ValueError(f"k_top + k_bottom = {k_top + k_bottom} exceeds the operator dimension {H.dim}")
+    wants = (("LA", k_top), ("SA", k_bottom))
+    groups = _lanczos(H, wants, tol, atol, generator, max_hvps, block_size, max_basis)
+    return tuple(
+        EigenResult(
+            values=values.numpy(),
+            residuals=residuals.numpy(),
+            converged=converged,
+            hvps=H.hvps,
+            which=which,
+            method=BOTH_ENDS,
+            tol=float(tol),
+            seed=seed,
+            vectors=vectors,
+        )
+        for (which, _), (values, vectors, residuals, converged) in zip(wants, groups)
     )
 
 
@@ -248,14 +298,38 @@ class _KrylovBasis:
         self.G = S.T @ self.G
 
 
-def _lanczos(H: CountingOperator, k, which, tol, atol, generator, max_hvps, block_size, max_basis):
+def _restart_indices(orders: list[torch.Tensor], wants, keep: int) -> torch.Tensor:
+    """The ``keep`` Ritz indices a thick restart keeps: the most wanted of each group in turn (one
+    group: simply its ``keep`` most wanted).
+    """
+    if len(orders) == 1:
+        return orders[0][:keep]
+    chosen: list[int] = []
+    taken: set[int] = set()
+    cursors = [0] * len(orders)
+    while len(chosen) < keep:
+        for g, order in enumerate(orders):
+            while cursors[g] < len(order) and int(order[cursors[g]]) in taken:
+                cursors[g] += 1
+            if cursors[g] < len(order) and len(chosen) < keep:
+                chosen.append(int(order[cursors[g]]))
+                taken.add(chosen[-1])
+        if all(c >= len(o) for c, o in zip(cursors, orders)):
+            break
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def _lanczos(H: CountingOperator, wants, tol, atol, generator, max_hvps, block_size, max_basis):
+    """Thick-restart Lanczos for one or more groups of wanted eigenpairs, ``wants`` = ((which, k), …),
+    from one Krylov basis; returns per group (values, vectors, residuals, converged).
+    """
     n = H.dim
+    k = sum(count for _, count in wants)
     max_basis = min(n, max_basis or max(3 * k + 2 * block_size, 30))
     keep_on_restart = min(max(k + (max_basis - k) // 2, k), max_basis - block_size)
     basis = _KrylovBasis(n, max(max_basis, block_size), H.dtype, H.device)
     X = gaussian(n, block_size, generator, dtype=H.dtype, device=H.device)
     passes = 2  # the next directions come from F, which is ⟂ Q already: they need no projection
-    converged = False
     while True:
         X = _orthonormalize(X, basis.Q, 1.0, passes)
         if X.shape[1] == 0:
@@ -270,23 +344,29 @@ def _lanczos(H: CountingOperator, k, which, tol, atol, generator, max_hvps, bloc
         del X
         T = basis.T
         theta, S = torch.linalg.eigh(T)
-        order = _order(theta, which)
-        want = order[: min(k, basis.j)]
+        orders = [_order(theta, which) for which, _ in wants]
+        groups = [order[: min(count, basis.j)] for order, (_, count) in zip(orders, wants)]
+        want = torch.cat(groups)  # a Ritz pair may be wanted by two groups while the basis is small
         res, coefficients = basis.residuals(S[:, want], T)
         ok = res <= torch.clamp(tol * theta[want].abs(), min=atol)
-        if (len(want) == k and bool(ok.all())) or basis.j >= n:
-            converged = len(want) == k
+        complete = all(len(g) == count for g, (_, count) in zip(groups, wants))
+        if (complete and bool(ok.all())) or basis.j >= n:
             break
         if H.hvps >= max_hvps:
             break
         pending = [i for i in range(len(want)) if not ok[i]] or list(range(len(want)))
         X, passes = basis.F @ coefficients[:, pending[:block_size]].to(basis.F.dtype), 0
         if basis.j + X.shape[1] > max_basis:  # thick restart from the best Ritz vectors
-            basis.restart(S[:, order[:keep_on_restart]])
-    theta_w = theta[want]
-    Y = basis.Q @ S[:, want].to(basis.rows.dtype)
+            basis.restart(S[:, _restart_indices(orders, wants, keep_on_restart)])
     # Final ordering for the caller: LA descending, SA ascending, LM by magnitude.
-    return theta_w.cpu(), Y.cpu(), res.cpu(), bool(converged and len(want) == k)
+    out, start = [], 0
+    for g, (_, count) in zip(groups, wants):
+        part = slice(start, start + len(g))
+        start += len(g)
+        Y = basis.Q @ S[:, g].to(basis.rows.dtype)
+        done = len(g) == count and (bool(ok[part].all()) or basis.j >= n)  # a full basis: exact pairs
+        out.append((theta[g].cpu(), Y.cpu(), res[part].cpu(), done))
+    return out
 
 
 def _power(H: CountingOperator, k, tol, atol, generator, max_hvps):
