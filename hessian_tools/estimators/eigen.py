@@ -63,20 +63,24 @@ def eigenvalues(
     if k > H.dim:
         raise ValueError(f"k={k} exceeds the operator dimension {H.dim}")
     if method == "lanczos":
-        ((values, vectors, residuals, converged),) = _lanczos(
-            H, ((which, k),), tol, atol, generator, max_hvps, block_size, max_basis
-        )
+        (pairs,) = _lanczos(H, ((which, k),), tol, atol, generator, max_hvps, block_size, max_basis)
     elif method == "power":
         if which != "LM":
             raise ValueError("power iteration finds the largest-magnitude eigenvalues only: use which='LM'")
-        values, vectors, residuals, converged = _power(H, k, tol, atol, generator, max_hvps)
+        pairs = _power(H, k, tol, atol, generator, max_hvps)
     else:
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    return _result(pairs, H.hvps, which, method, tol, seed)
+
+
+def _result(pairs, hvps: int, which: str, method: str, tol: float, seed) -> EigenResult:
+    """An :class:`EigenResult` from (values, vectors, residuals, converged) as the solvers return them."""
+    values, vectors, residuals, converged = pairs
     return EigenResult(
         values=values.numpy(),
         residuals=residuals.numpy(),
         converged=converged,
-        hvps=H.hvps,
+        hvps=hvps,
         which=which,
         method=method,
         tol=float(tol),
@@ -117,20 +121,10 @@ def extreme_eigenvalues(
         raise ValueError(f"k_top + k_bottom = {k_top + k_bottom} exceeds the operator dimension {H.dim}")
     wants = (("LA", k_top), ("SA", k_bottom))
     groups = _lanczos(H, wants, tol, atol, generator, max_hvps, block_size, max_basis)
-    return tuple(
-        EigenResult(
-            values=values.numpy(),
-            residuals=residuals.numpy(),
-            converged=converged,
-            hvps=H.hvps,
-            which=which,
-            method=BOTH_ENDS,
-            tol=float(tol),
-            seed=seed,
-            vectors=vectors,
-        )
-        for (which, _), (values, vectors, residuals, converged) in zip(wants, groups)
+    top, bottom = (
+        _result(pairs, H.hvps, which, BOTH_ENDS, tol, seed) for (which, _), pairs in zip(wants, groups)
     )
+    return top, bottom
 
 
 def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
