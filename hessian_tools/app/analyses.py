@@ -23,8 +23,9 @@ from .formatting import fmt, pm
 
 #: trace methods of the application: the library's and ``"auto"`` (see :func:`trace_method_for`)
 TRACE_METHODS = ("auto", *LIBRARY_TRACE_METHODS)
-#: dim-sized float64 columns XTrace holds per probe at its peak: Ω, Y, Q, HQ and the leave-one-out temporaries
-XTRACE_COLUMNS_PER_PROBE = 10
+#: dim-sized float64 columns XTrace holds per probe at its peak, with a margin: Ω, Y, Z and Q in row
+#: buffers (measured 4.2 per probe at dim 2.8 M, 24 probes: 2.2 GB above the operator's memory)
+XTRACE_COLUMNS_PER_PROBE = 5
 
 Row = list[str]
 
@@ -53,7 +54,7 @@ def trace_method_for(settings, dim: int) -> str:
     """``settings.trace_method`` with ``"auto"`` resolved for an operator of dimension ``dim``: XTrace
     when its sketch, XTRACE_COLUMNS_PER_PROBE · dim · ⌈trace_max_hvps/2⌉ float64 numbers, fits in the
     memory budget (always when there is none), else Hutch++, which streams its probes in bounded blocks
-    (ResNet-18 at 48 HVPs: XTrace would hold ≈ 21 GB).
+    (ResNet-18 at 48 HVPs: XTrace would hold ≈ 11 GB).
     """
     from ..operators.memory import resolve_budget
 
