@@ -122,13 +122,16 @@ def ours_probes(reps_one: int, blocks: Sequence[tuple[str, int, int | None]]) ->
     )
     described = {
         ("func", True): "vmap of {c} columns at a time",
-        ("autograd", True): "batched double backward, {c} at a time",
-        ("autograd", False): "one graph, one double backward per column",
+        # kept graphs are multiplied one column at a time: the batched backward is measured on rebuilt ones
+        ("autograd", True): "batched double backward, {c} at a time, graph rebuilt",
+        ("autograd", False): "kept graph, one double backward per column",
     }
     more = []
     for backend, K, chunk in blocks:
-        how = described[(backend, chunk is None or chunk > 1)].format(c=chunk or K)
-        more.append(Probe(f"ours {backend}, block of {K} ({how})", "ours", backend, K, chunk, 1))
+        batched = chunk is None or chunk > 1
+        how = described[(backend, batched)].format(c=chunk or K)
+        reuse = not (backend == "autograd" and batched)
+        more.append(Probe(f"ours {backend}, block of {K} ({how})", "ours", backend, K, chunk, 1, reuse=reuse))
     return one + tuple(more)
 
 
