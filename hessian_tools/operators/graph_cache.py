@@ -12,7 +12,10 @@ parameter and buffer of the model is the same tensor, at the same storage, with 
 counter (any in-place change, ``load_state_dict`` included, bumps it), and every module's
 train/eval flag is unchanged; otherwise they are dropped and rebuilt on the next product. Graphs
 are kept only for all batches or none (a shuffling loader must not mix the samples of two passes),
-and only in eval mode (train mode restores the BatchNorm buffers after every pass).
+and only in eval mode (train mode restores the BatchNorm buffers after every pass). The data is read
+once, on the product that builds them: data that changes from pass to pass (random augmentation) is
+then fixed at that pass's draw, which makes H one fixed matrix; ``reuse_graphs=False`` reads it anew
+every product.
 """
 
 from __future__ import annotations
