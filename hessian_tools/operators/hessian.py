@@ -254,15 +254,14 @@ class HessianOperator(LinearOperator):
         plan = self.planner.plans["func"]
         return plan.fixed + chunk * plan.per_column
 
-    def _batch_product(
-        self, path, inputs, targets, index, V, chunk, *, params=None, fixed=None, model=None
-    ) -> torch.Tensor:
-        """H_b·V on one batch by ``path``, ``chunk`` columns at a time (call in computation mode)."""
+    def _batch_product(self, path, inputs, targets, index, V, chunk) -> torch.Tensor:
+        """H_b·V on one batch by ``path``, ``chunk`` columns at a time, its graph built afresh (the
+        memory planner's measuring products; call in computation mode).
+        """
         if path == "autograd":
-            graph = self._gradient_graph(model or self._autograd_model(), inputs, targets, index, 0)
+            graph = self._gradient_graph(self._autograd_model(), inputs, targets, index, 0)
             return self._double_backward(graph, V, chunk)
-        if params is None:
-            params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
+        params, fixed = self.risk.parameter_values(), self.risk.fixed_state()
         return self._batch_hvp_func(params, fixed, inputs, targets, V, index, chunk)
 
     def _estimate_costs(self, inputs, targets) -> tuple[int, int]:
