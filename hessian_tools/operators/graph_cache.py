@@ -3,9 +3,9 @@
 A product H_b·v by double backward costs three passes through the model: the forward pass, the
 backward pass that builds g_b = ∇ℓ_b(θ) with its graph (``create_graph=True``), and one backward
 through that graph per column, ∂(g_bᵀv)/∂θ = H_b v. The first two do not depend on v. When the
-graphs of all batches fit the memory budget together, the operator builds them on its first
-product and keeps them, so every later product pays only the last pass: on ResNet-18 (128 images,
-1 CPU thread) an HVP then costs about 2.2 gradients instead of 3.1 (figures/bench_scale.md).
+graphs of all batches together fit :data:`GRAPH_SHARE` of the memory budget, the operator builds them
+on its first product and keeps them, so every later product pays only the last pass: on ResNet-18
+(128 images, 1 CPU thread) an HVP then costs 2.1 gradients instead of 3.1 (figures/bench_scale.md).
 
 The graphs belong to θ and the buffers as they were when built. They are used only while every
 parameter and buffer of the model is the same tensor, at the same storage, with the same version
