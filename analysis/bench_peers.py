@@ -1075,7 +1075,15 @@ def plot(results: dict, settings: Settings, out: Path):
         fig.tight_layout()
 
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    names = ["ours", "ours (func)", "ours (autograd)", "PyHessian", "curvlinops", "hessian-eigenthings"]
+    names = [
+        "ours",
+        "ours (func)",
+        "ours (autograd)",
+        "ours (streaming)",
+        "PyHessian",
+        "curvlinops",
+        "hessian-eigenthings",
+    ]
 
     def color(tool):
         return palette[names.index(tool) % len(palette)] if tool in names else None
